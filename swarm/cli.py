@@ -1,0 +1,282 @@
+"""The `swarm` command line. Exit codes (DESIGN §6): 0 success, 1 the workflow failed or
+was rolled back, 2 bad input (manifest, config, usage), 3 dispatcher unreachable or
+authentication refused. Expected errors print one clear message, never a traceback.
+
+Positional forms of the original CLI are kept: `start-dispatcher [CONFIG]`,
+`start-worker [CONFIG] [NAME]`, `deploy MANIFEST [CONFIG]`, `status [CONFIG]`,
+`config [OUTPUT]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, default_config_text, load_config
+from .errors import ConfigError, SwarmError
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
+RUN_EXIT = {"completed": EXIT_OK}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="swarm", description=(
+        "Dispatch workflows of symbols to worker nodes over WebSockets."))
+    ap.add_argument("--version", action="version", version=f"swarm {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        return sp
+
+    sp = cmd("start-dispatcher", "run a dispatcher until SIGINT/SIGTERM")
+    sp.add_argument("config", nargs="?", help="config file (default ./swarm-config.toml)")
+    sp.add_argument("--host", help="address to listen on (default [dispatcher] host)")
+    sp.add_argument("--port", type=int, help="port (0 picks a free one)")
+    sp.add_argument("--db", help="state database path (default [dispatcher] state_db_path)")
+    sp.add_argument("--ready-file", help="write the dispatcher URL here once it listens")
+
+    sp = cmd("start-worker", "run a worker node until SIGINT/SIGTERM")
+    sp.add_argument("config", nargs="?", help="config file (default ./swarm-config.toml)")
+    sp.add_argument("name", nargs="?", help="node name (default [worker] node_name or host)")
+    sp.add_argument("--name", dest="name_flag", help="node name (same as NAME)")
+    sp.add_argument("--url", help="dispatcher URL (default SWARM_URL or [worker] dispatcher_url)")
+    sp.add_argument("--slots", type=int, help="symbols run at once (max_concurrent_tasks)")
+
+    sp = cmd("deploy", "submit a manifest to the running dispatcher and follow the run")
+    sp.add_argument("manifest")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--url", help="dispatcher URL (default SWARM_URL or coordinator_endpoint)")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON")
+    sp.add_argument("--detach", action="store_true", help="print the run id and return")
+
+    sp = cmd("status", "show nodes, tasks and runs of the running dispatcher")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--url")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("config", "write the fully commented default config")
+    sp.add_argument("output", nargs="?", help="file to write (default: standard output)")
+    sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    sp = cmd("plan", "show the levels, critical path and backends of a manifest; runs nothing")
+    sp.add_argument("manifest")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("validate", "check a manifest and report every problem")
+    sp.add_argument("manifest")
+
+    sp = cmd("run", "run a manifest on a local swarm (dispatcher + workers on loopback)")
+    sp.add_argument("manifest")
+    sp.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    sp.add_argument("--slots", type=int, help="slots per worker")
+    sp.add_argument("--config", help="config file for the dispatcher and workers")
+    sp.add_argument("--db", help="keep the state database here (default: a temporary one)")
+    sp.add_argument("--json", action="store_true")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except SwarmError as e:
+        print(f"swarm: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _config(path: str | None) -> Config:
+    return load_config(path)
+
+
+def _logging(args: argparse.Namespace, cfg: Config, default: str | None = None) -> None:
+    from .console import setup_logging
+
+    setup_logging(args.log_level or default or cfg.logging.level,
+                  cfg.resolve(cfg.logging.file) if cfg.logging.file else "")
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# --- daemons --------------------------------------------------------------------------
+
+
+def cmd_start_dispatcher(args: argparse.Namespace) -> int:
+    from .dispatcher import serve_forever
+
+    cfg = _config(args.config)
+    _logging(args, cfg)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port out of range: {args.port}")
+    return _run(serve_forever(cfg, host=args.host, port=args.port, db_path=args.db,
+                              ready_file=args.ready_file))
+
+
+def cmd_start_worker(args: argparse.Namespace) -> int:
+    from .worker import serve_worker
+
+    cfg = _config(args.config)
+    _logging(args, cfg)
+    if args.slots is not None and args.slots < 1:
+        raise ConfigError("--slots must be at least 1")
+    return _run(serve_worker(cfg, name=args.name_flag or args.name, url=args.url,
+                             slots=args.slots))
+
+
+# --- clients --------------------------------------------------------------------------
+
+
+def _follow(client: Any, run_id: str, as_json: bool) -> Callable[[Any], None]:
+    from .console import event_line
+
+    def on_event(ev: Any) -> None:
+        if ev.run_id != run_id or as_json:
+            return
+        line = event_line(ev)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+
+    return on_event
+
+
+def _report(run: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(run, indent=2, default=str))
+    else:
+        from .console import console, print_run
+
+        print_run(console(), run)
+    return RUN_EXIT.get(run["status"], EXIT_FAILED)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .manifest import load_manifest
+
+    cfg = _config(args.config)
+    workflow = load_manifest(args.manifest)  # validated here first: nothing half-sent
+    url = args.url or cfg.client_url
+
+    async def go() -> int:
+        async with Client(url, token=cfg.security.token, name="swarm-deploy") as c:
+            run_id = await c.deploy(workflow, follow=not args.detach)
+            if args.detach:
+                print(json.dumps({"run_id": run_id}) if args.json else run_id)
+                return EXIT_OK
+            if not args.json:
+                print(f"run {run_id}: {workflow.name} {workflow.version}, "
+                      f"{len(workflow.symbols)} symbols", file=sys.stderr)
+            run = await c.wait(run_id, _follow(c, run_id, args.json))
+            return _report(run, args.json)
+
+    return _run(go())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    cfg = _config(args.config)
+    url = args.url or cfg.client_url
+
+    async def go() -> int:
+        async with Client(url, token=cfg.security.token, name="swarm-status") as c:
+            s = await c.status()
+        if args.json:
+            print(json.dumps(s, indent=2, default=str))
+        else:
+            from .console import console, print_status
+
+            print_status(console(), s)
+        return EXIT_OK
+
+    return _run(go())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .local import LocalSwarm
+    from .manifest import load_manifest
+
+    cfg = _config(args.config)
+    _logging(args, cfg, default="warning")
+    workflow = load_manifest(args.manifest)
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+
+    async def go() -> int:
+        async with LocalSwarm(cfg, workers=args.workers, slots=args.slots,
+                              db_path=args.db) as ls, ls.client() as c:
+            run_id = await c.deploy(workflow)
+            if not args.json:
+                print(f"run {run_id}: {workflow.name} {workflow.version}, "
+                      f"{len(workflow.symbols)} symbols on {args.workers} local workers",
+                      file=sys.stderr)
+            run = await c.wait(run_id, _follow(c, run_id, args.json))
+            return _report(run, args.json)
+
+    return _run(go())
+
+
+# --- offline --------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    text = default_config_text()
+    if not args.output or args.output == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} exists; use --force to overwrite it")
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .manifest import load_manifest
+    from .plan import analyze
+
+    wf = load_manifest(args.manifest)
+    plan = analyze(wf)
+    if args.json:
+        print(json.dumps({"name": wf.name, "version": wf.version, "source": wf.source,
+                          **plan.to_dict()}, indent=2))
+    else:
+        from .console import console, print_plan
+
+        print_plan(console(), wf.source, wf.name, wf.version, plan)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .manifest import load_manifest
+
+    wf = load_manifest(args.manifest)
+    print(f"{wf.source}: ok: {wf.name} {wf.version}, {len(wf.symbols)} symbols")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "start-dispatcher": cmd_start_dispatcher,
+    "start-worker": cmd_start_worker,
+    "deploy": cmd_deploy,
+    "status": cmd_status,
+    "run": cmd_run,
+    "config": cmd_config,
+    "plan": cmd_plan,
+    "validate": cmd_validate,
+}
+
+__all__ = ["main", "COMMANDS"]

@@ -1,0 +1,766 @@
+"""The scheduler: a pure state machine. Everything that decides what runs where lives here.
+
+Rules of this module:
+- State changes only through `Scheduler.handle(event) -> list[Command]`.
+- No I/O, no asyncio, no clock reads: time arrives inside events (`now`, seconds since
+  the epoch) and `next_deadline()` tells the shell when to send the next `Tick`.
+- Every state change is announced as a `Journal` command, in order. The shell commits
+  journal entries before it carries out any `Send` that follows them, which is what
+  makes "a completion is committed before its dependents are released" true.
+- Task and run states move only along `TASK_TRANSITIONS`; anything else is our bug and
+  raises `IllegalTransition` before touching state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from . import plan as planning
+from .errors import SwarmError
+from .model import RetryPolicy, RollbackSpec, Symbol, Workflow
+from .protocol import TaskAssignment, TaskResult
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"  # waiting for dependencies
+    READY = "ready"  # queued for a worker
+    RUNNING = "running"
+    RETRYING = "retrying"  # failed, waiting for its retry timer
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # never started: a dependency failed or the run halted
+    ROLLED_BACK = "rolled_back"  # completed, then undone by its rollback
+
+
+TERMINAL = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED,
+                      TaskState.ROLLED_BACK})
+
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.READY, TaskState.SKIPPED}),
+    TaskState.READY: frozenset({TaskState.RUNNING, TaskState.SKIPPED}),
+    TaskState.RUNNING: frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.RETRYING,
+                                  TaskState.READY}),
+    TaskState.RETRYING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.FAILED}),
+    TaskState.COMPLETED: frozenset({TaskState.ROLLED_BACK}),
+    TaskState.FAILED: frozenset(),
+    TaskState.SKIPPED: frozenset(),
+    TaskState.ROLLED_BACK: frozenset(),
+}
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    ROLLING_BACK = "rolling_back"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+
+
+RUN_FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.ROLLED_BACK})
+
+
+class IllegalTransition(SwarmError):
+    """The scheduler tried a move its tables forbid: a bug in swarm, not in the input."""
+
+
+# --- events (in) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConnected:
+    node_id: str
+    name: str
+    capabilities: tuple[str, ...]
+    slots: int
+    now: float
+    labels: dict[str, str] = field(default_factory=dict)
+    running: tuple[int, ...] = ()  # attempt tokens it still runs (after a reconnect)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDisconnected:
+    node_id: str
+    now: float
+    graceful: bool = False  # it said it was draining: its leftovers are not "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHeartbeat:
+    node_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDraining:
+    node_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunSubmitted:
+    run_id: str
+    workflow: Workflow
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsReceived:
+    node_id: str
+    results: tuple[TaskResult, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+
+
+Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted
+         | ResultsReceived | Tick)
+
+# --- commands (out) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """A state change: persisted, then published. `kind` is e.g. `symbol.completed`."""
+
+    kind: str
+    ts: float
+    run_id: str | None = None
+    task_id: str | None = None
+    symbol: str | None = None
+    node: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    node_id: str
+    tasks: tuple[TaskAssignment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    node_id: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    node_id: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseNode:
+    node_id: str
+    reason: str
+
+
+Command = Journal | Assign | Ack | Abandon | CloseNode
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    heartbeat_timeout: float = 15.0  # seconds
+    max_worker_losses: int = 3
+    load_balancing: bool = True
+    priority_queue: bool = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry_limit: int | None = None  # cap on any symbol's retries
+    first_token: int = 1  # attempt tokens continue from here (persisted by the shell)
+
+
+# --- internal state -------------------------------------------------------------------
+
+
+class _Task:
+    __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
+                 "dependents", "deps", "node", "token", "due", "first_start", "key",
+                 "parent")
+
+    def __init__(self, run: _Run, name: str, kind: str, spec: Symbol | RollbackSpec,
+                 parent: _Task | None = None) -> None:
+        self.run = run
+        self.name = name
+        self.kind = kind  # "main" | "rollback"
+        self.id = f"{run.id}/{name}" if kind == "main" else f"{run.id}/{parent.name}/rollback"  # type: ignore[union-attr]
+        self.spec = spec
+        self.parent = parent
+        self.state = TaskState.PENDING
+        self.attempts = 0
+        self.losses = 0
+        self.waiting = 0  # dependencies not yet completed
+        self.deps: list[_Task] = []
+        self.dependents: list[_Task] = []
+        self.node: _Node | None = None
+        self.token = 0
+        self.due = 0.0
+        self.first_start: float | None = None
+        self.key: tuple[Any, ...] = ()
+
+    @property
+    def dispatch(self) -> str:
+        return self.spec.dispatch
+
+    @property
+    def retries(self) -> int:
+        return self.spec.retries
+
+
+class _Run:
+    __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
+                 "failed", "halted", "rollback_failed", "rollback_phase", "started")
+
+    def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
+        self.id = run_id
+        self.workflow = workflow
+        self.seq = seq
+        self.state = RunState.RUNNING
+        self.tasks: dict[str, _Task] = {}
+        self.rollbacks: list[_Task] = []
+        self.unfinished = 0  # tasks (main and rollback) not yet terminal
+        self.failed = False
+        self.halted = False  # no new main symbols start
+        self.rollback_failed = False
+        self.rollback_phase = False
+        self.started = now
+
+
+class _Node:
+    __slots__ = ("id", "name", "caps", "slots", "labels", "running", "last_seen", "draining",
+                 "seq")
+
+    def __init__(self, ev: NodeConnected, seq: int) -> None:
+        self.id = ev.node_id
+        self.name = ev.name
+        self.caps = frozenset(ev.capabilities)
+        self.slots = ev.slots
+        self.labels = dict(ev.labels)
+        self.running: dict[int, _Task] = {}
+        self.last_seen = ev.now
+        self.draining = False
+        self.seq = seq
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else self.slots - len(self.running)
+
+
+def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
+    """Seconds before retry number `failures` (1-based). Jitter is derived from the task id
+    and attempt, so it spreads retries without the core needing a random source."""
+    delay = min(policy.max_delay, policy.initial_delay * policy.backoff_factor ** (failures - 1))
+    if policy.jitter:
+        h = hashlib.blake2b(f"{task_id}#{failures}".encode(), digest_size=4).digest()
+        u = int.from_bytes(h, "big") / 0xFFFFFFFF * 2 - 1  # in [-1, 1]
+        delay *= 1 + policy.jitter * u
+    return max(0.0, delay) / 1000.0
+
+
+class Scheduler:
+    """Runs, tasks and nodes, and the rules that move them. See the module docstring."""
+
+    def __init__(self, config: SchedulerConfig | None = None) -> None:
+        self.config = config or SchedulerConfig()
+        self._runs: dict[str, _Run] = {}
+        self._nodes: dict[str, _Node] = {}
+        self._by_token: dict[int, _Task] = {}
+        self._ready: dict[str, list[tuple[tuple[Any, ...], int, _Task]]] = {}
+        self._timers: list[tuple[float, int, _Task]] = []
+        self._seq = itertools.count()
+        self._run_seq = itertools.count()
+        self._node_seq = itertools.count()
+        self._next_token = self.config.first_token
+        self._out: list[Command] = []
+        self._assign: dict[str, list[TaskAssignment]] = {}
+
+    # --- public -----------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Command]:
+        """Apply one event; return what the shell must persist and send, in order."""
+        self._out = []
+        self._assign = {}
+        match event:
+            case Tick(now=now):
+                self._on_tick(now)
+            case ResultsReceived():
+                self._on_results(event)
+            case NodeHeartbeat(node_id=nid, now=now):
+                node = self._nodes.get(nid)
+                if node is not None:
+                    node.last_seen = now
+            case NodeConnected():
+                self._on_connect(event)
+            case NodeDisconnected(node_id=nid, now=now, graceful=graceful):
+                self._on_node_gone(nid, now, "disconnected", graceful)
+            case NodeDraining(node_id=nid, now=now):
+                node = self._nodes.get(nid)
+                if node is not None:
+                    node.draining = True
+                    node.last_seen = now
+                    self._journal("node.draining", now, node=node.name)
+            case RunSubmitted():
+                self._on_submit(event)
+            case _:
+                raise IllegalTransition(f"unknown event {event!r}")
+        self._dispatch(getattr(event, "now", 0.0))
+        out = self._out
+        for nid, tasks in self._assign.items():
+            out.append(Assign(nid, tuple(tasks)))
+        self._out = []
+        self._assign = {}
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which a `Tick` would change something."""
+        times = []
+        while self._timers and self._timers[0][2].state is not TaskState.RETRYING:
+            heapq.heappop(self._timers)
+        if self._timers:
+            times.append(self._timers[0][0])
+        if self._nodes:
+            times.append(min(n.last_seen for n in self._nodes.values())
+                         + self.config.heartbeat_timeout)
+        return min(times) if times else None
+
+    @property
+    def next_token(self) -> int:
+        return self._next_token
+
+    def run_state(self, run_id: str) -> RunState | None:
+        run = self._runs.get(run_id)
+        return run.state if run else None
+
+    def task_state(self, run_id: str, name: str) -> TaskState | None:
+        run = self._runs.get(run_id)
+        task = run.tasks.get(name) if run else None
+        return task.state if task else None
+
+    def active_runs(self) -> list[str]:
+        return [r.id for r in self._runs.values() if r.state not in RUN_FINAL]
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `swarm status` shows of the live scheduler."""
+        counts: dict[str, int] = {s.value: 0 for s in TaskState}
+        runs = []
+        for run in self._runs.values():
+            per: dict[str, int] = {}
+            for t in itertools.chain(run.tasks.values(), run.rollbacks):
+                counts[t.state.value] += 1
+                per[t.state.value] = per.get(t.state.value, 0) + 1
+            if run.state not in RUN_FINAL:
+                runs.append({"run_id": run.id, "workflow": run.workflow.name,
+                             "state": run.state.value, "tasks": per,
+                             "total": len(run.tasks), "started": run.started})
+        nodes = [{
+            "node_id": n.id, "name": n.name, "capabilities": sorted(n.caps), "slots": n.slots,
+            "running": len(n.running), "draining": n.draining, "last_seen": n.last_seen,
+            "labels": n.labels,
+        } for n in sorted(self._nodes.values(), key=lambda n: n.seq)]
+        return {"nodes": nodes, "tasks": counts, "runs": runs}
+
+    def forget_finished(self) -> None:
+        """Drop finished runs from memory (their records stay in the state DB)."""
+        for rid in [r.id for r in self._runs.values() if r.state in RUN_FINAL]:
+            del self._runs[rid]
+
+    def validate(self) -> None:
+        """Check the invariants; tests call this after every step."""
+        for node in self._nodes.values():
+            assert len(node.running) <= node.slots, f"{node.name} over its slots"
+            for token, task in node.running.items():
+                assert task.state is TaskState.RUNNING and task.token == token, task.id
+                assert task.node is node, task.id
+        for run in self._runs.values():
+            unfinished = 0
+            for t in itertools.chain(run.tasks.values(), run.rollbacks):
+                if t.state not in TERMINAL:
+                    unfinished += 1
+                if t.state is TaskState.RUNNING:
+                    assert t.node is not None and t.node.running.get(t.token) is t, t.id
+                if t.state in (TaskState.READY, TaskState.RUNNING, TaskState.COMPLETED):
+                    assert all(d.state in (TaskState.COMPLETED, TaskState.ROLLED_BACK)
+                               for d in t.deps), f"{t.id} started before its dependencies"
+            assert unfinished == run.unfinished, (run.id, unfinished, run.unfinished)
+            if run.state in RUN_FINAL:
+                assert unfinished == 0, run.id
+
+    # --- events -----------------------------------------------------------------------
+
+    def _on_submit(self, ev: RunSubmitted) -> None:
+        if ev.run_id in self._runs:
+            raise IllegalTransition(f"run {ev.run_id} submitted twice")
+        wf = ev.workflow
+        run = _Run(ev.run_id, wf, next(self._run_seq), ev.now)
+        self._runs[run.id] = run
+        analysis = planning.analyze(wf)
+        self._journal("run.started", ev.now, run, data={
+            "workflow": wf.name, "version": wf.version, "hash": wf.content_hash,
+            "symbols": len(wf.symbols), "on_failure": wf.on_failure, "mode": wf.mode,
+            "manifest": wf.to_dict(),
+        })
+        for index, sym in enumerate(wf.symbols):
+            task = _Task(run, sym.name, "main", sym)
+            if self.config.priority_queue:
+                task.key = (-sym.priority, -analysis.rank[sym.name], run.seq, index)
+            run.tasks[sym.name] = task
+        run.unfinished = len(run.tasks)
+        for sym in wf.symbols:
+            task = run.tasks[sym.name]
+            for dep in sym.dependencies:
+                d = run.tasks[dep]
+                task.deps.append(d)
+                d.dependents.append(task)
+            task.waiting = len(task.deps)
+        for task in run.tasks.values():
+            if task.waiting == 0:
+                self._make_ready(task, ev.now)
+        self._check_run(run, ev.now)
+
+    def _on_connect(self, ev: NodeConnected) -> None:
+        old = self._nodes.get(ev.node_id)
+        if old is not None:
+            self._on_node_gone(old.id, ev.now, "replaced", False)
+        node = _Node(ev, next(self._node_seq))
+        self._nodes[node.id] = node
+        self._journal("node.joined", ev.now, node=node.name, data={
+            "node_id": node.id, "capabilities": sorted(node.caps), "slots": node.slots,
+            "labels": node.labels})
+        abandon = []
+        for token in ev.running:
+            task = self._by_token.get(token)
+            # A reconnecting worker keeps an attempt only if nobody else took it over.
+            if (task is not None and task.token == token and task.state is TaskState.READY
+                    and len(node.running) < node.slots):
+                self._set(task, TaskState.RUNNING)
+                task.node = node
+                node.running[token] = task
+                self._journal("symbol.adopted", ev.now, task.run, task, node=node.name,
+                              attempt=task.attempts)
+            else:
+                abandon.append(token)
+        if abandon:
+            self._out.append(Abandon(node.id, tuple(abandon)))
+
+    def _on_node_gone(self, node_id: str, now: float, reason: str, graceful: bool) -> None:
+        node = self._nodes.pop(node_id, None)
+        if node is None:
+            return
+        self._journal("node.lost" if not graceful else "node.left", now, node=node.name,
+                      data={"node_id": node.id, "reason": reason,
+                            "running": len(node.running)})
+        for task in list(node.running.values()):
+            del node.running[task.token]
+            task.node = None
+            run = task.run
+            if not graceful:
+                task.losses += 1
+            self._journal("attempt.lost", now, run, task, node=node.name, attempt=task.attempts,
+                          data={"reason": reason, "losses": task.losses, "token": task.token})
+            if task.losses >= self.config.max_worker_losses:
+                self._set(task, TaskState.FAILED)
+                self._journal("symbol.failed", now, run, task, attempt=task.attempts,
+                              data={"error": f"worker lost {task.losses} times"})
+                self._failed_for_good(task, now)
+            elif run.halted and task.kind == "main":
+                self._set(task, TaskState.FAILED)
+                self._journal("symbol.failed", now, run, task, attempt=task.attempts,
+                              data={"error": "worker lost while the run was halting"})
+                self._failed_for_good(task, now)
+            else:
+                self._set(task, TaskState.READY)
+                self._push_ready(task, now, reason="worker lost")
+            self._check_run(run, now)
+
+    def _on_tick(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, _, task = heapq.heappop(self._timers)
+            if task.state is TaskState.RETRYING:
+                self._set(task, TaskState.READY)
+                self._push_ready(task, now, reason="retry")
+        limit = now - self.config.heartbeat_timeout
+        for node in [n for n in self._nodes.values() if n.last_seen < limit]:
+            self._out.append(CloseNode(node.id, "no heartbeat"))
+            self._on_node_gone(node.id, now, "heartbeat timeout", False)
+
+    def _on_results(self, ev: ResultsReceived) -> None:
+        node = self._nodes.get(ev.node_id)
+        if node is not None:
+            node.last_seen = ev.now
+        acks = []
+        for r in ev.results:
+            acks.append(r.token)
+            task = node.running.pop(r.token, None) if node is not None else None
+            if task is None:
+                # Stale (fenced off), duplicate, or not this node's: acknowledged, dropped.
+                known = self._by_token.get(r.token)
+                self._journal("result.dropped", ev.now, known.run if known else None, known,
+                              node=node.name if node else None,
+                              data={"token": r.token, "reason": "stale or unknown attempt"})
+                continue
+            task.node = None
+            self._finish_attempt(task, r, node.name, ev.now)  # type: ignore[union-attr]
+        self._out.append(Ack(ev.node_id, tuple(acks)))
+
+    # --- task lifecycle ---------------------------------------------------------------
+
+    def _finish_attempt(self, task: _Task, r: TaskResult, node: str, now: float) -> None:
+        run = task.run
+        self._journal("attempt.finished", now, run, task, node=node, attempt=task.attempts, data={
+            "token": r.token, "ok": r.ok, "output": r.output, "error": r.error,
+            "exit_code": r.exit_code, "timed_out": r.timed_out, "duration_ms": r.duration_ms,
+            "stderr": r.stderr, "stdout_truncated": r.stdout_truncated,
+            "stderr_truncated": r.stderr_truncated})
+        if r.ok:
+            self._set(task, TaskState.COMPLETED)
+            done: dict[str, Any] = {"output": r.output, "duration_ms": r.duration_ms}
+            if isinstance(task.spec, Symbol) and task.spec.rollback is not None:
+                done["rollback"] = task.spec.rollback.to_dict()
+            self._journal("symbol.completed", now, run, task, node=node, attempt=task.attempts,
+                          data=done)
+            if task.kind == "rollback":
+                if task.parent is not None and task.parent.state is TaskState.COMPLETED:
+                    self._set(task.parent, TaskState.ROLLED_BACK)
+                    self._journal("symbol.rolled_back", now, run, task.parent,
+                                  data={"rollback": task.name})
+                self._release_dependents(task, now)
+            elif not run.halted:
+                self._release_dependents(task, now)
+            self._check_run(run, now)
+            return
+        error = r.error or "failed"
+        if self._may_retry(task, r, now):
+            delay = backoff_delay(self._policy(task), task.id, task.attempts)
+            self._set(task, TaskState.RETRYING)
+            task.due = now + delay
+            heapq.heappush(self._timers, (task.due, next(self._seq), task))
+            self._journal("symbol.retrying", now, run, task, node=node, attempt=task.attempts,
+                          data={"error": error, "due": task.due, "delay": delay})
+            return
+        self._set(task, TaskState.FAILED)
+        self._journal("symbol.failed", now, run, task, node=node, attempt=task.attempts,
+                      data={"error": error, "retryable": r.retryable})
+        self._failed_for_good(task, now)
+        self._check_run(run, now)
+
+    def _may_retry(self, task: _Task, r: TaskResult, now: float) -> bool:
+        if not r.retryable or (task.run.halted and task.kind == "main"):
+            return False
+        retries = task.retries
+        if self.config.retry_limit is not None:
+            retries = min(retries, self.config.retry_limit)
+        if task.attempts > retries:
+            return False
+        deadline = getattr(task.spec, "deadline", None)
+        return not (deadline is not None and task.first_start is not None
+                    and (now - task.first_start) * 1000 >= deadline)
+
+    def _policy(self, task: _Task) -> RetryPolicy:
+        own = getattr(task.spec, "retry", None)
+        return own if own is not None else self.config.retry
+
+    def _failed_for_good(self, task: _Task, now: float) -> None:
+        run = task.run
+        if task.kind == "rollback":
+            run.rollback_failed = True
+            self._release_dependents(task, now)  # later rollbacks still run: best effort
+            return
+        run.failed = True
+        sym = task.spec
+        assert isinstance(sym, Symbol)
+        if sym.rollback is not None:
+            self._add_rollback(task, [], now)
+        policy = run.workflow.on_failure
+        if policy == "continue":
+            self._skip(self._descendants(task), now, f"dependency '{task.name}' failed")
+        elif not run.halted:
+            run.halted = True
+            self._journal("run.halting", now, run, data={"cause": task.name, "policy": policy})
+            self._skip([t for t in run.tasks.values()
+                        if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING)],
+                       now, f"run halted after '{task.name}' failed")
+
+    def _skip(self, tasks: Iterable[_Task], now: float, reason: str) -> None:
+        for t in tasks:
+            if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING):
+                self._set(t, TaskState.SKIPPED)
+                self._journal("symbol.skipped", now, t.run, t, data={"reason": reason})
+
+    @staticmethod
+    def _descendants(task: _Task) -> list[_Task]:
+        seen: dict[int, _Task] = {}
+        stack = list(task.dependents)
+        while stack:
+            t = stack.pop()
+            if id(t) not in seen:
+                seen[id(t)] = t
+                stack.extend(t.dependents)
+        return list(seen.values())
+
+    def _release_dependents(self, task: _Task, now: float) -> None:
+        for d in task.dependents:
+            d.waiting -= 1
+            if d.waiting == 0 and d.state is TaskState.PENDING:
+                self._make_ready(d, now)
+
+    def _make_ready(self, task: _Task, now: float) -> None:
+        self._set(task, TaskState.READY)
+        self._push_ready(task, now)
+
+    def _push_ready(self, task: _Task, now: float, reason: str = "") -> None:
+        key = task.key if self.config.priority_queue and task.key else (next(self._seq),)
+        heapq.heappush(self._ready.setdefault(task.dispatch, []), (key, next(self._seq), task))
+        self._journal("symbol.queued", now, task.run, task,
+                      data={"reason": reason} if reason else {})
+
+    def _add_rollback(self, parent: _Task, deps: list[_Task], now: float) -> _Task:
+        sym = parent.spec
+        assert isinstance(sym, Symbol) and sym.rollback is not None
+        run = parent.run
+        rb = _Task(run, sym.rollback.name, "rollback", sym.rollback, parent=parent)
+        # Rollbacks jump the queue: they restore a consistent state.
+        rb.key = (float("-inf"), run.seq, len(run.rollbacks))
+        rb.deps = deps
+        for d in deps:
+            d.dependents.append(rb)
+        rb.waiting = len(deps)
+        run.rollbacks.append(rb)
+        run.unfinished += 1
+        self._journal("rollback.created", now, run, rb, data={
+            "parent": parent.name, "spec": sym.rollback.to_dict(),
+            "after": [d.parent.name for d in deps if d.parent is not None]})
+        if rb.waiting == 0:
+            self._make_ready(rb, now)
+        return rb
+
+    def _start_rollback_phase(self, run: _Run, now: float) -> None:
+        """Undo completed symbols in reverse dependency order: the rollback of X waits for
+        the rollbacks of the nearest completed descendants of X that have one."""
+        run.rollback_phase = True
+        run.state = RunState.ROLLING_BACK
+        self._journal("run.rolling_back", now, run)
+        done = [t for t in run.tasks.values() if t.state is TaskState.COMPLETED]
+        has_rb = {id(t) for t in done if isinstance(t.spec, Symbol) and t.spec.rollback}
+        created: dict[int, _Task] = {}
+        # Create in reverse topological order so each rollback's predecessors exist.
+        order = planning.analyze(run.workflow).order
+        for name in reversed(order):
+            t = run.tasks[name]
+            if id(t) not in has_rb:
+                continue
+            after: dict[int, _Task] = {}
+            stack = list(t.dependents)
+            seen: set[int] = set()
+            while stack:
+                d = stack.pop()
+                if id(d) in seen:
+                    continue
+                seen.add(id(d))
+                if id(d) in created:
+                    after[id(d)] = created[id(d)]
+                else:
+                    stack.extend(d.dependents)
+            created[id(t)] = self._add_rollback(t, list(after.values()), now)
+
+    def _check_run(self, run: _Run, now: float) -> None:
+        if run.state in RUN_FINAL or run.unfinished:
+            return
+        if not run.failed:
+            final = RunState.COMPLETED
+        elif run.workflow.on_failure == "rollback" and not run.rollback_phase:
+            self._start_rollback_phase(run, now)
+            if run.unfinished:
+                return
+            final = RunState.FAILED if run.rollback_failed else RunState.ROLLED_BACK
+        elif run.workflow.on_failure == "rollback":
+            final = RunState.FAILED if run.rollback_failed else RunState.ROLLED_BACK
+        else:
+            final = RunState.FAILED
+        run.state = final
+        counts: dict[str, int] = {}
+        for t in run.tasks.values():
+            counts[t.state.value] = counts.get(t.state.value, 0) + 1
+        self._journal(f"run.{final.value}", now, run, data={
+            "status": final.value, "counts": counts, "duration": now - run.started})
+
+    # --- placement --------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        if not self._ready or not self._nodes:
+            return
+        while True:
+            best: tuple[Any, ...] | None = None
+            best_node: _Node | None = None
+            best_heap: list[tuple[tuple[Any, ...], int, _Task]] | None = None
+            for dispatch, heap in self._ready.items():
+                while heap and heap[0][2].state is not TaskState.READY:
+                    heapq.heappop(heap)
+                if not heap or (best is not None and heap[0][:2] >= best):
+                    continue
+                node = self._pick_node(dispatch)
+                if node is not None:
+                    best, best_node, best_heap = heap[0][:2], node, heap
+            if best_node is None or best_heap is None:
+                return
+            _, _, task = heapq.heappop(best_heap)
+            self._start(task, best_node, now)
+
+    def _pick_node(self, dispatch: str) -> _Node | None:
+        best: _Node | None = None
+        best_key: tuple[float, int] | None = None
+        for node in self._nodes.values():
+            if dispatch not in node.caps or node.free <= 0:
+                continue
+            if not self.config.load_balancing:
+                key: tuple[float, int] = (0.0, node.seq)
+            else:
+                key = (len(node.running) / node.slots, node.seq)
+            if best_key is None or key < best_key:
+                best, best_key = node, key
+        return best
+
+    def _start(self, task: _Task, node: _Node, now: float) -> None:
+        self._set(task, TaskState.RUNNING)
+        task.attempts += 1
+        if task.first_start is None:
+            task.first_start = now
+        self._by_token.pop(task.token, None)  # an earlier attempt's token is fenced off now
+        task.token = self._next_token
+        self._next_token += 1
+        task.node = node
+        node.running[task.token] = task
+        self._by_token[task.token] = task
+        spec = task.spec
+        self._journal("symbol.started", now, task.run, task, node=node.name,
+                      attempt=task.attempts, data={"token": task.token, "node_id": node.id})
+        self._assign.setdefault(node.id, []).append(TaskAssignment(
+            task_id=task.id, run_id=task.run.id, symbol=task.name, type=spec.type,
+            context=spec.context, dispatch=spec.dispatch, parameters=spec.parameters,
+            attempt=task.attempts, token=task.token, timeout=spec.timeout))
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _set(self, task: _Task, state: TaskState) -> None:
+        if state not in TASK_TRANSITIONS[task.state]:
+            raise IllegalTransition(f"{task.id}: {task.state.value} -> {state.value}")
+        if state in TERMINAL and task.state not in TERMINAL:
+            task.run.unfinished -= 1
+            self._by_token.pop(task.token, None)
+        task.state = state
+
+    def _journal(self, kind: str, now: float, run: _Run | None = None, task: _Task | None = None,
+                 *, node: str | None = None, attempt: int | None = None,
+                 data: dict[str, Any] | None = None) -> None:
+        self._out.append(Journal(
+            kind=kind, ts=now, run_id=run.id if run else None,
+            task_id=task.id if task else None, symbol=task.name if task else None,
+            node=node, attempt=attempt, data=data or {}))

@@ -1,0 +1,420 @@
+"""The dispatcher: an asyncio shell around the scheduler core.
+
+It decodes frames into events, hands them to `Scheduler.handle`, and carries out the
+commands. Journal entries and the sends that follow them are queued together; the
+flusher commits the entries in one transaction (group commit) and only then sends,
+so nothing is acted on before it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from . import __version__
+from . import core as c
+from . import protocol as p
+from .config import Config
+from .errors import ManifestError, RemoteProtocolError, SwarmError
+from .manifest import workflow_from_dict
+from .state import Store
+
+log = logging.getLogger("swarm.dispatcher")
+
+HELLO_TIMEOUT = 5.0
+CLIENT_QUEUE = 10_000  # events buffered per subscriber before it is told it missed some
+TICK_MAX = 1.0
+
+
+def scheduler_config(cfg: Config, first_token: int) -> c.SchedulerConfig:
+    co = cfg.coordinator
+    return c.SchedulerConfig(
+        heartbeat_timeout=co.heartbeat_timeout / 1000.0,
+        max_worker_losses=co.max_worker_losses,
+        load_balancing=co.enable_load_balancing,
+        priority_queue=co.priority_queue_enabled,
+        retry=cfg.retry,
+        retry_limit=co.task_retry_limit,
+        first_token=first_token,
+    )
+
+
+@dataclass(eq=False)
+class _Peer:
+    ws: ServerConnection
+    role: str
+    name: str
+    node_id: str = ""
+    watch_all: bool = False
+    draining: bool = False
+    missed: int = 0
+
+    def __post_init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.watching: set[str] = set()
+        self.writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while (frame := await self.queue.get()) is not None:
+                await self.ws.send(frame)
+
+    def send(self, msg: p.Message) -> None:
+        self.queue.put_nowait(p.encode(msg))
+
+    def publish(self, msg: p.Event) -> None:
+        """Events never block dispatch: past the bound they are counted, not queued."""
+        if self.queue.qsize() >= CLIENT_QUEUE:
+            self.missed += 1
+            return
+        if self.missed:
+            self.queue.put_nowait(p.encode(p.Event(
+                kind="stream.gap", ts=msg.ts, data={"missed": self.missed})))
+            self.missed = 0
+        self.queue.put_nowait(p.encode(msg))
+
+    def wants(self, run_id: str | None) -> bool:
+        return self.watch_all or (run_id is not None and run_id in self.watching)
+
+    async def close(self) -> None:
+        self.queue.put_nowait(None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer, 5)
+
+
+class Dispatcher:
+    """`async with Dispatcher(config) as d:` serves until the block ends."""
+
+    def __init__(self, config: Config, *, host: str | None = None, port: int | None = None,
+                 db_path: str | None = None) -> None:
+        self.config = config
+        self.host = host or config.dispatcher.host
+        self.port = config.dispatcher.websocket_port if port is None else port
+        self.db_path = db_path or config.resolve(config.dispatcher.state_db_path)
+        self.core: c.Scheduler | None = None
+        self.store: Store | None = None
+        self._server: Server | None = None
+        self._workers: dict[str, _Peer] = {}
+        self._clients: set[_Peer] = set()
+        self._records: list[c.Journal] = []
+        self._sends: list[tuple[_Peer, p.Message | None]] = []
+        self._dirty = asyncio.Event()
+        self._rearm = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ids = itertools.count(1)
+        self._started = time.time()
+        self.failed: BaseException | None = None
+        self.stopped = asyncio.Event()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.store = await Store.open(self.db_path, self.config.dispatcher.synchronous)
+        first = await self.store.max_token() + 1
+        self.core = c.Scheduler(scheduler_config(self.config, first))
+        self._server = await serve(
+            self._serve, self.host, self.port,
+            compression=None,
+            max_size=self.config.dispatcher.max_frame_size,
+            ping_interval=None,  # liveness is our own heartbeat, judged by the core
+            server_header=f"swarm/{__version__}",
+        )
+        sock = self._server.sockets[0] if self._server.sockets else None
+        if sock is not None:
+            self.port = sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._flush_loop()), loop.create_task(self._tick_loop())]
+        log.info("dispatcher %s listening on %s (state: %s)", __version__, self.url, self.db_path)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()  # closes connections with 1001 going away
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 10)
+        await self._flush()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.store is not None:
+            await self.store.close()
+        self.stopped.set()
+        log.info("dispatcher stopped")
+
+    async def __aenter__(self) -> Dispatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- the core loop ----------------------------------------------------------------
+
+    def _feed(self, event: c.Event) -> None:
+        assert self.core is not None
+        for cmd in self.core.handle(event):
+            if isinstance(cmd, c.Journal):
+                self._records.append(cmd)
+                continue
+            peer = self._workers.get(cmd.node_id)
+            if peer is None:
+                continue
+            if isinstance(cmd, c.Assign):
+                self._sends.append((peer, p.Assign(cmd.tasks)))
+            elif isinstance(cmd, c.Ack):
+                self._sends.append((peer, p.Ack(cmd.tokens)))
+            elif isinstance(cmd, c.Abandon):
+                self._sends.append((peer, p.Abandon(cmd.tokens)))
+            elif isinstance(cmd, c.CloseNode):
+                log.warning("node %s: %s; closing its connection", peer.name, cmd.reason)
+                self._sends.append((peer, None))
+        self._dirty.set()
+        self._rearm.set()
+
+    async def _flush(self) -> None:
+        records, sends = self._records, self._sends
+        self._records, self._sends = [], []
+        if records:
+            assert self.store is not None
+            await self.store.write(records)
+            self._publish(records)
+        for peer, msg in sends:
+            if msg is None:
+                asyncio.get_running_loop().create_task(
+                    peer.ws.close(p.CLOSE_HEARTBEAT, "heartbeat timeout"))
+            else:
+                peer.send(msg)
+
+    async def _flush_loop(self) -> None:
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                await self._flush()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the state DB failed: stop rather than act unrecorded
+            log.critical("cannot write the state database: %s", e)
+            self.failed = e
+            self.stopped.set()
+
+    async def _tick_loop(self) -> None:
+        assert self.core is not None
+        while True:
+            deadline = self.core.next_deadline()
+            wait = TICK_MAX if deadline is None else min(TICK_MAX, deadline - time.time())
+            self._rearm.clear()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._rearm.wait(), wait)
+                nd = self.core.next_deadline()
+                if nd is None or nd > time.time():
+                    continue
+            self._feed(c.Tick(time.time()))
+
+    def _publish(self, records: list[c.Journal]) -> None:
+        if not self._clients:
+            return
+        for r in records:
+            targets = [peer for peer in self._clients if peer.wants(r.run_id)]
+            if not targets:
+                continue
+            data = {k: v for k, v in r.data.items() if k not in ("manifest", "stderr")}
+            ev = p.Event(kind=r.kind, ts=r.ts, run_id=r.run_id, symbol=r.symbol, node=r.node,
+                         attempt=r.attempt, data=data)
+            for peer in targets:
+                peer.publish(ev)
+
+    # --- connections ------------------------------------------------------------------
+
+    async def _serve(self, ws: ServerConnection) -> None:
+        token = self.config.security.token
+        nonce = secrets.token_bytes(16)
+        try:
+            await ws.send(p.encode(p.Challenge(nonce=nonce, auth=bool(token))))
+            frame = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+        except TimeoutError:
+            await ws.close(p.CLOSE_POLICY, "no hello within 5 s")
+            return
+        except ConnectionClosed:
+            return
+        try:
+            hello = p.decode(frame, self.config.dispatcher.max_frame_size)
+        except RemoteProtocolError as e:
+            log.warning("bad first frame from %s: %s", ws.remote_address, e)
+            await ws.close(p.CLOSE_INVALID_DATA, "bad frame")
+            return
+        if not isinstance(hello, p.Hello) or hello.role not in ("worker", "client"):
+            await ws.close(p.CLOSE_POLICY, "the first frame must be a hello")
+            return
+        if hello.v != p.PROTOCOL_VERSION:
+            await ws.close(p.CLOSE_POLICY, f"protocol version {hello.v} not supported")
+            return
+        if token and not p.check_proof(token, nonce, hello.proof):
+            log.warning("authentication failed for %s %r from %s", hello.role, hello.name,
+                        ws.remote_address)
+            await ws.close(p.CLOSE_POLICY, "authentication failed")
+            return
+        if hello.role == "worker":
+            await self._serve_worker(ws, hello)
+        else:
+            await self._serve_client(ws, hello)
+
+    async def _serve_worker(self, ws: ServerConnection, hello: p.Hello) -> None:
+        if len(self._workers) >= self.config.coordinator.max_workers:
+            await ws.close(1013, f"dispatcher full: max_workers={len(self._workers)}")
+            return
+        if hello.slots < 1:
+            await ws.close(p.CLOSE_POLICY, "a worker needs at least one slot")
+            return
+        node_id = f"{hello.name}#{next(self._ids)}"
+        peer = _Peer(ws, "worker", hello.name, node_id)
+        self._workers[node_id] = peer
+        peer.send(p.Welcome(node_id=node_id, version=__version__,
+                            heartbeat_interval=self.config.coordinator.heartbeat_interval))
+        log.info("worker %s joined: %s, %d slots", hello.name,
+                 ", ".join(hello.capabilities) or "no backends", hello.slots)
+        self._feed(c.NodeConnected(node_id, hello.name, hello.capabilities, hello.slots,
+                                   time.time(), hello.labels, hello.running))
+        try:
+            async for frame in ws:
+                try:
+                    msg = p.decode(frame, self.config.dispatcher.max_frame_size)
+                except RemoteProtocolError as e:
+                    log.warning("worker %s sent a bad frame: %s", hello.name, e)
+                    await ws.close(p.CLOSE_INVALID_DATA, "bad frame")
+                    break
+                now = time.time()
+                if isinstance(msg, p.Results):
+                    self._feed(c.ResultsReceived(node_id, msg.items, now))
+                elif isinstance(msg, p.Heartbeat):
+                    self._feed(c.NodeHeartbeat(node_id, now))
+                elif isinstance(msg, p.Draining):
+                    peer.draining = True
+                    self._feed(c.NodeDraining(node_id, now))
+                else:
+                    log.warning("worker %s sent %s, which workers may not send", hello.name,
+                                msg.T)
+                    await ws.close(p.CLOSE_POLICY, f"unexpected {msg.T}")
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            self._workers.pop(node_id, None)
+            log.info("worker %s left (%s)", hello.name,
+                     "drained" if peer.draining else "connection closed")
+            self._feed(c.NodeDisconnected(node_id, time.time(), graceful=peer.draining))
+            await peer.close()
+
+    async def _serve_client(self, ws: ServerConnection, hello: p.Hello) -> None:
+        peer = _Peer(ws, "client", hello.name)
+        self._clients.add(peer)
+        peer.send(p.Welcome(node_id="", version=__version__,
+                            heartbeat_interval=self.config.coordinator.heartbeat_interval))
+        try:
+            async for frame in ws:
+                try:
+                    msg = p.decode(frame, self.config.dispatcher.max_frame_size)
+                except RemoteProtocolError as e:
+                    log.warning("client %s sent a bad frame: %s", hello.name, e)
+                    await ws.close(p.CLOSE_INVALID_DATA, "bad frame")
+                    break
+                if not isinstance(msg, p.Request):
+                    await ws.close(p.CLOSE_POLICY, f"unexpected {msg.T}")
+                    break
+                try:
+                    await self._request(peer, msg)
+                except SwarmError as e:
+                    peer.send(p.Reply(id=msg.id, ok=False, error=str(e), code=e.exit_code))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._clients.discard(peer)
+            await peer.close()
+
+    async def _request(self, peer: _Peer, req: p.Request) -> None:
+        assert self.core is not None and self.store is not None
+        a = req.args
+        if req.op == "deploy":
+            try:
+                wf = workflow_from_dict(a["workflow"], source="<deployed manifest>")
+            except ManifestError as e:
+                peer.send(p.Reply(id=req.id, ok=False, error=str(e), code=2))
+                return
+            run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            if a.get("follow"):
+                peer.watching.add(run_id)
+            self._feed(c.RunSubmitted(run_id, wf, time.time()))
+            log.info("run %s: %s %s, %d symbols", run_id, wf.name, wf.version, len(wf.symbols))
+            # Queued behind the run's journal entries: replied only once they are committed.
+            self._sends.append((peer, p.Reply(id=req.id, ok=True, data={"run_id": run_id})))
+            self._dirty.set()
+        elif req.op == "status":
+            data: dict[str, Any] = self.core.snapshot()
+            data["db"] = await self.store.counts()
+            data["db_path"] = self.db_path
+            data["version"] = __version__
+            data["uptime"] = time.time() - self._started
+            peer.send(p.Reply(id=req.id, ok=True, data=data))
+        elif req.op == "run":
+            run = await self.store.run(a["run_id"])
+            if run is None:
+                peer.send(p.Reply(id=req.id, ok=False, error=f"no run {a['run_id']!r}", code=2))
+                return
+            run["tasks"] = await self.store.tasks(a["run_id"])
+            peer.send(p.Reply(id=req.id, ok=True, data=run))
+        elif req.op == "runs":
+            peer.send(p.Reply(id=req.id, ok=True,
+                              data={"runs": await self.store.runs(a.get("limit", 20))}))
+        elif req.op == "watch":
+            run_id = a.get("run_id")
+            if run_id is None:
+                peer.watch_all = True
+            else:
+                peer.watching.add(run_id)
+            state = self.core.run_state(run_id) if run_id else None
+            if run_id and state is None:
+                row = await self.store.run(run_id)
+                if row is None:
+                    peer.send(p.Reply(id=req.id, ok=False, error=f"no run {run_id!r}", code=2))
+                    return
+                state_text = row["status"]
+            else:
+                state_text = state.value if state else ""
+            peer.send(p.Reply(id=req.id, ok=True, data={"run_id": run_id, "state": state_text}))
+
+
+async def serve_forever(config: Config, *, host: str | None = None, port: int | None = None,
+                        db_path: str | None = None, ready_file: str | None = None) -> int:
+    """Run a dispatcher until SIGINT/SIGTERM; returns the process exit code."""
+    import signal
+    from pathlib import Path
+
+    d = Dispatcher(config, host=host, port=port, db_path=db_path)
+    await d.start()
+    if ready_file:
+        Path(ready_file).write_text(d.url + "\n")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, d.stopped.set)
+    await d.stopped.wait()
+    await d.stop()
+    return 1 if d.failed else 0
+
+
+__all__ = ["Dispatcher", "serve_forever", "scheduler_config"]

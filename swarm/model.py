@@ -1,0 +1,146 @@
+"""The workflow model: what a manifest means, as frozen dataclasses.
+
+`swarm.manifest` turns YAML/TOML/dicts into these (with every problem reported);
+everything downstream (plan, core, wire) works on them and never on raw documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SYMBOL_TYPES = ("action", "filter", "state", "query", "transform")
+CONTEXTS = ("wordpress", "filesystem", "database", "network", "generic")
+DISPATCHES = ("rust_injector", "php_engine", "powershell_engine", "internal")
+MODES = ("rolling", "waves")
+ON_FAILURE = ("rollback", "continue", "abort")
+
+DEFAULT_TIMEOUT_MS = 30_000
+DEFAULT_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Backoff between attempts; a symbol's own policy overrides the config's `[retry]`."""
+
+    initial_delay: int = 1000  # ms before the first retry
+    max_delay: int = 60_000  # ms, cap on any one delay
+    backoff_factor: float = 2.0
+    jitter: float = 0.1  # fraction of the delay, spread both ways
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "initial_delay": self.initial_delay,
+            "max_delay": self.max_delay,
+            "backoff_factor": self.backoff_factor,
+            "jitter": self.jitter,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackSpec:
+    """The symbol that undoes a completed symbol. It has no dependencies of its own."""
+
+    name: str
+    type: str = "action"
+    context: str = "generic"
+    dispatch: str = "internal"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    timeout: int = DEFAULT_TIMEOUT_MS
+    retries: int = DEFAULT_RETRIES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "context": self.context,
+            "dispatch": self.dispatch,
+            "parameters": self.parameters,
+            "timeout": self.timeout,
+            "retries": self.retries,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Symbol:
+    name: str
+    type: str
+    context: str = "generic"
+    dispatch: str = "internal"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dependencies: tuple[str, ...] = ()
+    priority: int = 0
+    timeout: int = DEFAULT_TIMEOUT_MS  # ms per attempt
+    retries: int = DEFAULT_RETRIES  # retries after the first failure
+    resources: tuple[str, ...] = ()
+    rollback: RollbackSpec | None = None
+    description: str = ""
+    retry: RetryPolicy | None = None
+    deadline: int | None = None  # ms across all attempts
+    requires: dict[str, str] = field(default_factory=dict)  # worker labels
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "context": self.context,
+            "dispatch": self.dispatch,
+            "parameters": self.parameters,
+            "dependencies": list(self.dependencies),
+            "priority": self.priority,
+            "timeout": self.timeout,
+            "retries": self.retries,
+        }
+        if self.resources:
+            d["resources"] = list(self.resources)
+        if self.rollback is not None:
+            d["rollback"] = self.rollback.to_dict()
+        if self.description:
+            d["description"] = self.description
+        if self.retry is not None:
+            d["retry"] = self.retry.to_dict()
+        if self.deadline is not None:
+            d["deadline"] = self.deadline
+        if self.requires:
+            d["requires"] = dict(self.requires)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    name: str
+    version: str
+    symbols: tuple[Symbol, ...]
+    description: str = ""
+    mode: str = "rolling"
+    on_failure: str = "rollback"
+    resources: dict[str, int] = field(default_factory=dict)  # key -> capacity
+    source: str = "<memory>"  # where it was loaded from; not part of the content
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical document: loading it again gives an equal workflow."""
+        d: dict[str, Any] = {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "mode": self.mode,
+            "on_failure": self.on_failure,
+            "symbols": [s.to_dict() for s in self.symbols],
+        }
+        if self.resources:
+            d["resources"] = dict(self.resources)
+        return d
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the canonical document: equal workflows have equal hashes."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def symbol(self, name: str) -> Symbol:
+        for s in self.symbols:
+            if s.name == name:
+                return s
+        raise KeyError(name)

@@ -1,0 +1,361 @@
+"""Wire messages as frozen dataclasses <-> msgpack frames (DESIGN §7).
+
+Every frame is one msgpack map `{"t": type, ...}`. `decode()` turns bytes into a
+message dataclass or raises RemoteProtocolError; nothing past this module ever sees
+an unvalidated value. `encode()` is the inverse. No pickle, no ext types.
+
+Handshake: the dispatcher sends `Challenge` (a nonce) on connect; the peer's first
+frame must be `Hello` carrying HMAC-SHA256(token, nonce) when a token is configured;
+the dispatcher answers `Welcome`. Then workers exchange Assign/Results/Ack/Heartbeat/
+Abandon/Draining, and clients send `Request` and receive `Reply` and `Event`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Union
+
+import msgpack
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_NAME = 256
+
+# Close codes (RFC 6455 §7.4.1 plus the 4000 range for our own reasons).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_HEARTBEAT = 4000  # silent past heartbeat_timeout
+CLOSE_REPLACED = 4001
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    T: ClassVar[str] = "challenge"
+    nonce: bytes
+    v: int = PROTOCOL_VERSION
+    auth: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    T: ClassVar[str] = "hello"
+    role: str  # worker | client
+    name: str
+    v: int = PROTOCOL_VERSION
+    capabilities: tuple[str, ...] = ()
+    slots: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    proof: bytes = b""
+    running: tuple[int, ...] = ()  # attempt tokens a reconnecting worker still runs
+    pid: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    T: ClassVar[str] = "welcome"
+    node_id: str
+    heartbeat_interval: int  # ms the dispatcher expects between heartbeats
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAssignment:
+    T: ClassVar[str] = "task"
+    task_id: str
+    run_id: str
+    symbol: str
+    type: str
+    context: str
+    dispatch: str
+    parameters: dict[str, Any]
+    attempt: int
+    token: int
+    timeout: int  # ms for this attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    T: ClassVar[str] = "assign"
+    tasks: tuple[TaskAssignment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    T: ClassVar[str] = "result"
+    token: int
+    task_id: str
+    ok: bool
+    output: Any = None
+    error: str = ""
+    exit_code: int | None = None
+    retryable: bool = True
+    timed_out: bool = False
+    duration_ms: float = 0.0
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    T: ClassVar[str] = "results"
+    items: tuple[TaskResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    T: ClassVar[str] = "ack"
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    T: ClassVar[str] = "heartbeat"
+    free: int
+    running: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    T: ClassVar[str] = "abandon"
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Draining:
+    T: ClassVar[str] = "draining"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    T: ClassVar[str] = "request"
+    id: int
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    T: ClassVar[str] = "reply"
+    id: int
+    ok: bool
+    data: Any = None
+    error: str = ""
+    code: int = 0  # exit code the CLI should use when ok is false
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    T: ClassVar[str] = "event"
+    kind: str
+    ts: float
+    run_id: str | None = None
+    symbol: str | None = None
+    node: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+
+
+Message = Union[
+    Challenge, Hello, Welcome, Assign, Results, Ack, Heartbeat, Abandon, Draining, Request,
+    Reply, Event,
+]
+MESSAGES: dict[str, type[Any]] = {
+    c.T: c
+    for c in (
+        Challenge, Hello, Welcome, Assign, Results, Ack, Heartbeat, Abandon, Draining,
+        Request, Reply, Event,
+    )
+}
+# Requests a client may make, with the type of each argument (None: optional).
+REQUEST_OPS: dict[str, dict[str, tuple[type, bool]]] = {
+    "deploy": {"workflow": (dict, True), "follow": (bool, False), "new": (bool, False)},
+    "status": {},
+    "run": {"run_id": (str, True)},
+    "runs": {"limit": (int, False)},
+    "watch": {"run_id": (str, False)},
+}
+
+
+def proof_for(token: str, nonce: bytes) -> bytes:
+    """HMAC-SHA256 of the nonce under the shared token: the token never crosses the wire."""
+    return hmac.new(token.encode(), nonce, hashlib.sha256).digest()
+
+
+def check_proof(token: str, nonce: bytes, proof: bytes) -> bool:
+    return hmac.compare_digest(proof_for(token, nonce), proof)
+
+
+# --- encoding -------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (TaskAssignment, TaskResult)):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    d: dict[str, Any] = {"t": msg.T}
+    for f in fields(msg):  # type: ignore[arg-type]
+        d[f.name] = _plain(getattr(msg, f.name))
+    return d
+
+
+def encode(msg: Message) -> bytes:
+    try:
+        return msgpack.packb(to_dict(msg), use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as e:
+        raise LocalProtocolError(f"cannot encode {msg.T}: {e}") from None
+
+
+# --- decoding -------------------------------------------------------------------------
+
+Check = typing.Callable[[Any, str], Any]
+
+
+def _fail(where: str, expected: str, value: Any) -> typing.NoReturn:
+    raise RemoteProtocolError(f"field '{where}': expected {expected}, got {type(value).__name__}")
+
+
+def _checker(tp: Any) -> Check:
+    """Build a validator/converter for one annotated type (done once per class)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return lambda v, w: v
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        inner = [_checker(a) for a in args if a is not type(None)]
+        assert len(inner) == 1, tp
+
+        def opt(v: Any, w: str) -> Any:
+            return None if v is None else inner[0](v, w)
+
+        return opt
+    if origin is tuple:
+        item = _checker(typing.get_args(tp)[0])
+
+        def seq(v: Any, w: str) -> Any:
+            if not isinstance(v, list):
+                _fail(w, "a list", v)
+            return tuple(item(x, w) for x in v)
+
+        return seq
+    if origin is dict or tp is dict:
+        vtype = typing.get_args(tp)[1] if origin is dict else Any
+        vcheck = _checker(vtype)
+
+        def mapping(v: Any, w: str) -> Any:
+            if not isinstance(v, dict):
+                _fail(w, "a map", v)
+            if vtype is not Any:
+                return {k: vcheck(x, f"{w}.{k}") for k, x in v.items()}
+            return v
+
+        return mapping
+    if tp in (TaskAssignment, TaskResult):
+        return lambda v, w: _build(tp, v, w)
+    if tp is float:
+
+        def number(v: Any, w: str) -> Any:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                _fail(w, "a number", v)
+            return float(v)
+
+        return number
+
+    def exact(v: Any, w: str) -> Any:
+        if type(v) is not tp:
+            _fail(w, tp.__name__, v)
+        if tp is str and len(v) > (1 << 20):
+            _fail(w, "a shorter string", v)
+        return v
+
+    return exact
+
+
+_SPECS: dict[type[Any], list[tuple[str, Check, bool]]] = {}
+
+
+def _spec(cls: type[Any]) -> list[tuple[str, Check, bool]]:
+    spec = _SPECS.get(cls)
+    if spec is None:
+        hints = typing.get_type_hints(cls)
+        spec = []
+        for f in fields(cls):
+            required = f.default is MISSING and f.default_factory is MISSING
+            spec.append((f.name, _checker(hints[f.name]), required))
+        _SPECS[cls] = spec
+    return spec
+
+
+def _build(cls: type[Any], d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        _fail(where, "a map", d)
+    kwargs = {}
+    spec = _spec(cls)
+    for name, check, required in spec:
+        if name in d:
+            kwargs[name] = check(d[name], f"{where}.{name}" if where else name)
+        elif required:
+            raise RemoteProtocolError(f"'{cls.T}' frame lacks field '{name}'")
+    extra = set(d) - {n for n, _, _ in spec} - {"t"}
+    if extra:
+        raise RemoteProtocolError(f"'{cls.T}' frame has unknown field '{sorted(extra)[0]}'")
+    return cls(**kwargs)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise RemoteProtocolError("msgpack ext types are not allowed")
+
+
+def decode(frame: bytes | str, max_size: int = 1 << 20) -> Message:
+    """Decode and validate one frame; RemoteProtocolError says what was wrong."""
+    if isinstance(frame, str):
+        raise RemoteProtocolError("text frames are not allowed; frames are binary msgpack")
+    if len(frame) > max_size:
+        raise RemoteProtocolError(f"frame of {len(frame)} bytes exceeds {max_size}")
+    try:
+        d = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, ext_hook=_no_ext
+        )
+    except RemoteProtocolError:
+        raise
+    except Exception as e:  # msgpack raises a zoo of types for broken input
+        raise RemoteProtocolError(f"undecodable frame: {type(e).__name__}") from None
+    if not isinstance(d, dict):
+        raise RemoteProtocolError("a frame must be a msgpack map")
+    t = d.get("t")
+    cls = MESSAGES.get(t) if isinstance(t, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {t!r}")
+    msg = _build(cls, d, "")
+    if isinstance(msg, Request):
+        _check_request(msg)
+    return msg  # type: ignore[no-any-return]
+
+
+def _check_request(req: Request) -> None:
+    schema = REQUEST_OPS.get(req.op)
+    if schema is None:
+        raise RemoteProtocolError(f"unknown request op {req.op!r}")
+    for key, value in req.args.items():
+        if key not in schema:
+            raise RemoteProtocolError(f"request '{req.op}' has unknown argument '{key}'")
+        tp = schema[key][0]
+        if type(value) is not tp:
+            _fail(f"args.{key}", tp.__name__, value)
+    for key, (_, required) in schema.items():
+        if required and key not in req.args:
+            raise RemoteProtocolError(f"request '{req.op}' lacks argument '{key}'")

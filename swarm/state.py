@@ -1,0 +1,318 @@
+"""The state database (SQLite through aiosqlite): nodes, runs, tasks, attempts, the
+append-only event journal and the rollback symbols of completed symbols.
+
+The scheduler's `Journal` entries are the only way anything is written. `Store.write`
+turns a batch of them into one transaction (group commit): inserts first, then the
+updates of each row merged into one statement, then the journal rows in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .core import Journal
+from .errors import StateError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY, name TEXT NOT NULL, capabilities TEXT NOT NULL,
+    slots INTEGER NOT NULL, labels TEXT NOT NULL, status TEXT NOT NULL,
+    joined_at REAL NOT NULL, left_at REAL, reason TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, version TEXT NOT NULL,
+    manifest_hash TEXT NOT NULL, manifest TEXT NOT NULL, on_failure TEXT NOT NULL,
+    mode TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, symbol TEXT NOT NULL, kind TEXT NOT NULL,
+    parent TEXT, dispatch TEXT NOT NULL, position INTEGER NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, losses INTEGER NOT NULL DEFAULT 0, node TEXT,
+    token INTEGER, due_at REAL, started_at REAL, finished_at REAL, result TEXT, error TEXT);
+CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id, position);
+CREATE TABLE IF NOT EXISTS attempts (
+    token INTEGER PRIMARY KEY, task_id TEXT NOT NULL, run_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL, node TEXT, started_at REAL NOT NULL, finished_at REAL,
+    outcome TEXT NOT NULL, exit_code INTEGER, duration_ms REAL, result TEXT, error TEXT,
+    stderr TEXT, truncated INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS attempts_by_task ON attempts (task_id);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
+    run_id TEXT, task_id TEXT, symbol TEXT, node TEXT, attempt INTEGER, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, seq);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event journal is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event journal is append-only'); END;
+CREATE TABLE IF NOT EXISTS rollbacks (
+    run_id TEXT NOT NULL, symbol TEXT NOT NULL, spec TEXT NOT NULL, position INTEGER NOT NULL,
+    completed_at REAL NOT NULL, rolled_back_at REAL, PRIMARY KEY (run_id, symbol));
+"""
+
+TABLES = ("nodes", "runs", "tasks", "attempts", "events", "rollbacks")
+FINAL_RUN_STATES = ("completed", "failed", "rolled_back", "cancelled")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+class _Batch:
+    """Rows to insert and per-row column updates, merged so each row is written once."""
+
+    def __init__(self) -> None:
+        self.inserts: dict[str, list[tuple[Any, ...]]] = {}
+        self.updates: dict[str, dict[Any, dict[str, Any]]] = {}
+        self.events: list[tuple[Any, ...]] = []
+
+    def insert(self, sql: str, row: tuple[Any, ...]) -> None:
+        self.inserts.setdefault(sql, []).append(row)
+
+    def update(self, table: str, key: Any, **cols: Any) -> None:
+        self.updates.setdefault(table, {}).setdefault(key, {}).update(cols)
+
+
+_KEYS = {"tasks": "task_id", "attempts": "token", "runs": "run_id", "nodes": "node_id",
+         "rollbacks": "rowid"}
+
+_INSERT_TASK = ("INSERT OR IGNORE INTO tasks (task_id, run_id, symbol, kind, parent, dispatch,"
+                " position, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+# Fields of event data kept out of the journal rows because other tables hold them.
+_BULKY = ("manifest", "stderr")
+
+
+def _apply(b: _Batch, e: Journal) -> None:
+    d = e.data
+    k = e.kind
+    tid = e.task_id
+    if k == "run.started":
+        m = d["manifest"]
+        b.insert("INSERT INTO runs (run_id, workflow, version, manifest_hash, manifest,"
+                 " on_failure, mode, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (e.run_id, d["workflow"], d["version"], d["hash"], _json(m), d["on_failure"],
+                  d["mode"], "running", e.ts))
+        for i, s in enumerate(m["symbols"]):
+            b.insert(_INSERT_TASK, (f"{e.run_id}/{s['name']}", e.run_id, s["name"], "main", None,
+                                    s["dispatch"], i, "pending"))
+    elif k == "rollback.created":
+        spec = d["spec"]
+        b.insert(_INSERT_TASK, (tid, e.run_id, e.symbol, "rollback", d["parent"],
+                                spec["dispatch"], -1, "pending"))
+    elif k == "symbol.queued":
+        b.update("tasks", tid, state="ready", node=None)
+    elif k == "symbol.started":
+        cols: dict[str, Any] = {"state": "running", "attempts": e.attempt, "node": e.node,
+                                "token": d["token"], "due_at": None}
+        if e.attempt == 1:
+            cols["started_at"] = e.ts
+        b.update("tasks", tid, **cols)
+        b.insert("INSERT INTO attempts (token, task_id, run_id, attempt, node, started_at,"
+                 " outcome) VALUES (?, ?, ?, ?, ?, ?, 'running')",
+                 (d["token"], tid, e.run_id, e.attempt, e.node, e.ts))
+    elif k == "symbol.adopted":
+        b.update("tasks", tid, state="running", node=e.node)
+    elif k == "attempt.finished":
+        outcome = "ok" if d["ok"] else ("timeout" if d["timed_out"] else "failed")
+        b.update("attempts", d["token"], finished_at=e.ts, outcome=outcome,
+                 exit_code=d["exit_code"], duration_ms=d["duration_ms"],
+                 result=_json(d["output"]), error=d["error"] or None, stderr=d["stderr"],
+                 truncated=int(d["stdout_truncated"] or d["stderr_truncated"]))
+    elif k == "attempt.lost":
+        b.update("attempts", d["token"], finished_at=e.ts, outcome="lost", error=d["reason"])
+        b.update("tasks", tid, losses=d["losses"], node=None)
+    elif k == "symbol.completed":
+        b.update("tasks", tid, state="completed", finished_at=e.ts, result=_json(d["output"]),
+                 error=None)
+        if "rollback" in d:
+            b.insert("INSERT OR REPLACE INTO rollbacks (run_id, symbol, spec, position,"
+                     " completed_at) VALUES (?, ?, ?, ?, ?)",
+                     (e.run_id, e.symbol, _json(d["rollback"]), d.get("position", 0), e.ts))
+    elif k == "symbol.retrying":
+        b.update("tasks", tid, state="retrying", due_at=d["due"], error=d["error"], node=None)
+    elif k == "symbol.failed":
+        b.update("tasks", tid, state="failed", finished_at=e.ts, error=d["error"], node=None)
+    elif k == "symbol.skipped":
+        b.update("tasks", tid, state="skipped", finished_at=e.ts, error=d["reason"])
+    elif k == "symbol.rolled_back":
+        b.update("tasks", tid, state="rolled_back")
+        b.insert("UPDATE rollbacks SET rolled_back_at = ? WHERE run_id = ? AND symbol = ?",
+                 (e.ts, e.run_id, e.symbol))
+    elif k.startswith("run.") and k != "run.halting":
+        b.update("runs", e.run_id, status=d.get("status", k[4:]),
+                 **({"finished_at": e.ts} if k[4:] in FINAL_RUN_STATES else {}))
+    elif k == "node.joined":
+        b.insert("INSERT OR REPLACE INTO nodes (node_id, name, capabilities, slots, labels,"
+                 " status, joined_at) VALUES (?, ?, ?, ?, ?, 'connected', ?)",
+                 (d["node_id"], e.node, _json(d["capabilities"]), d["slots"],
+                  _json(d["labels"]), e.ts))
+    elif k in ("node.lost", "node.left"):
+        b.update("nodes", d["node_id"], status=k[5:], left_at=e.ts, reason=d["reason"])
+    data = {key: v for key, v in d.items() if key not in _BULKY} if d else d
+    if k == "attempt.finished":
+        data.pop("output", None)
+    b.events.append((e.ts, k, e.run_id, tid, e.symbol, e.node, e.attempt, _json(data)))
+
+
+class Store:
+    """The state DB. Open with `await Store.open(path)`; all writes go through `write()`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+        self._db = db
+        self.path = path
+        self.write_seconds = 0.0  # total time spent committing, for metrics
+        self.writes = 0
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], synchronous: str = "FULL") -> Store:
+        p = str(path)
+        if p != ":memory:":
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(p, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StateError(f"{p}: cannot open state database: {e}") from None
+        db.row_factory = sqlite3.Row
+        store = cls(db, p)
+        try:
+            await store._init(synchronous)
+        except sqlite3.DatabaseError as e:
+            await db.close()
+            raise StateError(f"{p}: not a usable swarm state database: {e}") from None
+        except StateError:
+            await db.close()
+            raise
+        return store
+
+    async def _init(self, synchronous: str) -> None:
+        db = self._db
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        await db.execute("PRAGMA busy_timeout=5000")
+        cur = await db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'")
+        if await cur.fetchone() is not None:
+            cur = await db.execute("SELECT value FROM meta WHERE key='schema_version'")
+            row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path}: schema version {version} is newer than this swarm "
+                    f"understands ({SCHEMA_VERSION}); upgrade swarm")
+        await db.execute("BEGIN IMMEDIATE")
+        for stmt in _statements(SCHEMA):
+            await db.execute(stmt)
+        await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
+        await db.execute("COMMIT")
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def write(self, entries: Iterable[Journal]) -> None:
+        """Commit a batch of journal entries in one transaction (group commit)."""
+        b = _Batch()
+        for e in entries:
+            _apply(b, e)
+        if not b.events:
+            return
+        t0 = time.perf_counter()
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in b.inserts.items():
+                if sql.startswith("UPDATE"):
+                    continue
+                await db.executemany(sql, rows)
+            for table, rows_by_key in b.updates.items():
+                groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+                for key, cols in rows_by_key.items():
+                    names = tuple(cols)
+                    groups.setdefault(names, []).append((*cols.values(), key))
+                for names, rows in groups.items():
+                    sets = ", ".join(f"{n} = ?" for n in names)
+                    await db.executemany(
+                        f"UPDATE {table} SET {sets} WHERE {_KEYS[table]} = ?", rows)
+            for sql, rows in b.inserts.items():
+                if sql.startswith("UPDATE"):
+                    await db.executemany(sql, rows)
+            await db.executemany(
+                "INSERT INTO events (ts, kind, run_id, task_id, symbol, node, attempt, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", b.events)
+            await db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise
+        self.write_seconds += time.perf_counter() - t0
+        self.writes += 1
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        cur = await self._db.execute(sql, params)
+        return [dict(r) for r in await cur.fetchall()]
+
+    async def max_token(self) -> int:
+        rows = await self._rows("SELECT COALESCE(MAX(token), 0) AS m FROM attempts")
+        return int(rows[0]["m"])
+
+    async def counts(self) -> dict[str, int]:
+        out = {}
+        for t in TABLES:
+            rows = await self._rows(f"SELECT COUNT(*) AS n FROM {t}")
+            out[t] = int(rows[0]["n"])
+        return out
+
+    async def run(self, run_id: str) -> dict[str, Any] | None:
+        rows = await self._rows(
+            "SELECT run_id, workflow, version, manifest_hash, on_failure, mode, status,"
+            " created_at, finished_at FROM runs WHERE run_id = ?", (run_id,))
+        return rows[0] if rows else None
+
+    async def runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return await self._rows(
+            "SELECT r.run_id, r.workflow, r.version, r.status, r.created_at, r.finished_at,"
+            " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main')"
+            " AS total,"
+            " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main'"
+            "  AND t.state IN ('completed', 'rolled_back')) AS done"
+            " FROM runs r ORDER BY r.created_at DESC LIMIT ?", (limit,))
+
+    async def tasks(self, run_id: str) -> list[dict[str, Any]]:
+        rows = await self._rows(
+            "SELECT task_id, symbol, kind, parent, dispatch, state, attempts, losses, node,"
+            " started_at, finished_at, result, error FROM tasks WHERE run_id = ?"
+            " ORDER BY kind DESC, position, rowid", (run_id,))
+        for r in rows:
+            r["result"] = json.loads(r["result"]) if r["result"] is not None else None
+        return rows
+
+    async def events(self, run_id: str) -> list[dict[str, Any]]:
+        rows = await self._rows(
+            "SELECT seq, ts, kind, run_id, task_id, symbol, node, attempt, data FROM events"
+            " WHERE run_id = ? ORDER BY seq", (run_id,))
+        for r in rows:
+            r["data"] = json.loads(r["data"])
+        return rows
+
+
+def _statements(script: str) -> list[str]:
+    """Split the schema into statements (triggers contain semicolons of their own)."""
+    out, buf = [], []
+    for line in script.strip().splitlines():
+        buf.append(line)
+        text = "\n".join(buf).strip()
+        if text.endswith(";") and (not text.upper().startswith("CREATE TRIGGER")
+                                   or text.upper().endswith("END;")):
+            out.append(text)
+            buf = []
+    return out

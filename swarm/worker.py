@@ -1,0 +1,280 @@
+"""A worker node: connects to the dispatcher, advertises the backends that passed their
+health check, runs up to `max_concurrent_tasks` symbols at once, reports results until
+they are acknowledged, heartbeats, and reconnects with jittered exponential backoff.
+
+On SIGINT/SIGTERM it tells the dispatcher it is draining (no new work), lets running
+symbols finish for up to `shutdown_grace`, stops the rest, delivers its results, and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from . import protocol as p
+from .backends import Backends, Invocation, Outcome
+from .config import Config
+from .errors import AuthenticationFailed, RemoteProtocolError
+
+log = logging.getLogger("swarm.worker")
+
+RESULT_FRAME_BUDGET = 256 * 1024  # bytes of results per frame, well under max_frame_size
+STDERR_TAIL = 16 * 1024
+
+
+def _fit(result: p.TaskResult, budget: int) -> p.TaskResult:
+    """Trim a result so that its frame fits the dispatcher's frame limit."""
+    if len(p.encode(p.Results((result,)))) <= budget:
+        return result
+    stderr = result.stderr[-STDERR_TAIL:]
+    output: Any = result.output
+    if len(p.encode(p.Results((p.TaskResult(token=0, task_id="", ok=True, output=output),)))) \
+            > budget - STDERR_TAIL - 4096:
+        text = output if isinstance(output, str) else repr(output)
+        output = text[: budget // 2]
+    return p.TaskResult(
+        token=result.token, task_id=result.task_id, ok=result.ok, output=output,
+        error=result.error[:4096], exit_code=result.exit_code, retryable=result.retryable,
+        timed_out=result.timed_out, duration_ms=result.duration_ms, stderr=stderr,
+        stdout_truncated=True, stderr_truncated=result.stderr_truncated
+        or len(stderr) < len(result.stderr))
+
+
+class Worker:
+    def __init__(self, config: Config, *, name: str | None = None, url: str | None = None,
+                 slots: int | None = None) -> None:
+        self.config = config
+        self.name = name or config.worker.name
+        self.url = url or config.worker_url
+        self.slots = slots or config.worker.max_concurrent_tasks
+        self.backends = Backends.from_config(config)
+        self.node_id = ""
+        self._ws: ClientConnection | None = None
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._unacked: dict[int, p.TaskResult] = {}
+        self._outbox: list[p.TaskResult] = []
+        self._flush_scheduled = False
+        self._stopping = asyncio.Event()
+        self._connected = asyncio.Event()
+        self.completed = 0
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop taking work; running symbols get `shutdown_grace` to finish."""
+        if not self._stopping.is_set():
+            log.info("worker %s: stopping, %d symbols running", self.name, len(self._running))
+            self._stopping.set()
+            self._send(p.Draining())
+
+    async def run(self) -> int:
+        reasons = await self.backends.check()
+        for backend, why in reasons.items():
+            if why is None:
+                log.info("backend %s: available", backend)
+            else:
+                log.info("backend %s: not advertised: %s", backend, why)
+        if not self.backends.available:
+            log.error("worker %s: no backend is available; nothing to advertise", self.name)
+        conn = asyncio.get_running_loop().create_task(self._connect_loop())
+        await self._stopping.wait()
+        await self._drain()
+        conn.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await conn
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        log.info("worker %s: stopped after %d results", self.name, self.completed)
+        return 0
+
+    async def _drain(self) -> None:
+        grace = self.config.worker.shutdown_grace / 1000.0
+        if self._running:
+            _, pending = await asyncio.wait(list(self._running.values()), timeout=grace)
+            if pending:
+                log.warning("worker %s: %d symbols still running after %.1f s; stopping them",
+                            self.name, len(pending), grace)
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending)
+        # Deliver what we have: results stay ours until the dispatcher acknowledges them.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while self._unacked and self._ws is not None and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def _connect_loop(self) -> None:
+        cfg = self.config.worker
+        delay = cfg.reconnect_initial_delay / 1000.0
+        while True:
+            try:
+                await self._session()
+                delay = cfg.reconnect_initial_delay / 1000.0
+                if self._stopping.is_set():
+                    return
+                log.warning("worker %s: connection to %s lost; reconnecting", self.name,
+                            self.url)
+            except AuthenticationFailed as e:
+                log.error("worker %s: %s", self.name, e)
+                delay = max(delay, cfg.reconnect_max_delay / 1000.0 / 2)
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed,
+                    RemoteProtocolError) as e:
+                log.info("worker %s: cannot reach %s (%s); retrying in %.2f s", self.name,
+                         self.url, e or type(e).__name__, delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, cfg.reconnect_max_delay / 1000.0)
+
+    async def _session(self) -> None:
+        max_size = self.config.dispatcher.max_frame_size
+        async with connect(self.url, compression=None, max_size=max_size, ping_interval=None,
+                           open_timeout=10, close_timeout=5) as ws:
+            challenge = p.decode(await asyncio.wait_for(ws.recv(), 10), max_size)
+            if not isinstance(challenge, p.Challenge):
+                raise RemoteProtocolError("the dispatcher did not start with a challenge")
+            token = self.config.security.token
+            if challenge.auth and not token:
+                raise AuthenticationFailed("the dispatcher requires a token (set SWARM_TOKEN "
+                                           "or [security] token)")
+            await ws.send(p.encode(p.Hello(
+                role="worker", name=self.name, capabilities=self.backends.available,
+                slots=self.slots, labels=dict(self.config.worker.labels),
+                proof=p.proof_for(token, challenge.nonce) if challenge.auth else b"",
+                running=tuple(self._running), pid=os.getpid())))
+            try:
+                welcome = p.decode(await asyncio.wait_for(ws.recv(), 10), max_size)
+            except ConnectionClosed as e:
+                if e.rcvd is not None and e.rcvd.code == p.CLOSE_POLICY:
+                    raise AuthenticationFailed(f"dispatcher refused: {e.rcvd.reason}") from None
+                raise
+            if not isinstance(welcome, p.Welcome):
+                raise RemoteProtocolError("the dispatcher did not welcome us")
+            self.node_id = welcome.node_id
+            self._ws = ws
+            self._connected.set()
+            log.info("worker %s: connected to %s as %s", self.name, self.url, welcome.node_id)
+            if self._stopping.is_set():
+                self._send(p.Draining())
+            if self._unacked:  # results the last connection did not see acknowledged
+                self._outbox.extend(self._unacked.values())
+                self._schedule_flush()
+            beat = asyncio.get_running_loop().create_task(self._heartbeat(ws))
+            try:
+                async for frame in ws:
+                    self._on_message(p.decode(frame, max_size))
+            finally:
+                beat.cancel()
+                self._ws = None
+                self._connected.clear()
+
+    def _on_message(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Assign):
+            for t in msg.tasks:
+                self._start(t)
+        elif isinstance(msg, p.Ack):
+            for token in msg.tokens:
+                self._unacked.pop(token, None)
+        elif isinstance(msg, p.Abandon):
+            for token in msg.tokens:
+                task = self._running.get(token)
+                if task is not None:
+                    log.info("worker %s: abandoning attempt %d", self.name, token)
+                    task.cancel()
+        else:
+            raise RemoteProtocolError(f"unexpected {msg.T} from the dispatcher")
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        interval = self.config.worker.heartbeat_interval / 1000.0
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(interval)
+                free = 0 if self._stopping.is_set() else self.slots - len(self._running)
+                await ws.send(p.encode(p.Heartbeat(free=max(free, 0),
+                                                   running=tuple(self._running))))
+
+    # --- running symbols --------------------------------------------------------------
+
+    def _start(self, t: p.TaskAssignment) -> None:
+        if t.token in self._running:
+            return
+        inv = Invocation(run_id=t.run_id, task_id=t.task_id, symbol=t.symbol, type=t.type,
+                         context=t.context, dispatch=t.dispatch, parameters=t.parameters,
+                         attempt=t.attempt, timeout_ms=t.timeout)
+        task = asyncio.get_running_loop().create_task(self._execute(t.token, inv))
+        self._running[t.token] = task
+
+    async def _execute(self, token: int, inv: Invocation) -> None:
+        try:
+            outcome: Outcome = await self.backends.run(inv)
+        except asyncio.CancelledError:
+            self._running.pop(token, None)
+            raise
+        except Exception as e:  # a bug in a backend runner must not kill the worker
+            log.exception("worker %s: backend %s crashed", self.name, inv.dispatch)
+            outcome = Outcome(ok=False, output=None, error=f"{type(e).__name__}: {e}")
+        self._running.pop(token, None)
+        result = _fit(p.TaskResult(
+            token=token, task_id=inv.task_id, ok=outcome.ok, output=outcome.output,
+            error=outcome.error, exit_code=outcome.exit_code, retryable=outcome.retryable,
+            timed_out=outcome.timed_out, duration_ms=outcome.duration_ms,
+            stderr=outcome.stderr, stdout_truncated=outcome.stdout_truncated,
+            stderr_truncated=outcome.stderr_truncated), RESULT_FRAME_BUDGET)
+        self.completed += 1
+        self._unacked[token] = result
+        self._outbox.append(result)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send the results finished in this loop turn, batched into frames."""
+        self._flush_scheduled = False
+        if self._ws is None:
+            self._outbox.clear()  # re-sent from _unacked after reconnecting
+            return
+        batch: list[p.TaskResult] = []
+        size = 0
+        for r in self._outbox:
+            n = len(r.stderr) + len(str(r.output)) + 256
+            if batch and size + n > RESULT_FRAME_BUDGET:
+                self._send(p.Results(tuple(batch)))
+                batch, size = [], 0
+            batch.append(r)
+            size += n
+        if batch:
+            self._send(p.Results(tuple(batch)))
+        self._outbox.clear()
+
+    def _send(self, msg: p.Message) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        frame = p.encode(msg)
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(frame)
+
+        asyncio.get_running_loop().create_task(send())
+
+
+async def serve_worker(config: Config, *, name: str | None = None, url: str | None = None,
+                       slots: int | None = None) -> int:
+    """Run a worker until SIGINT/SIGTERM; returns the exit code."""
+    w = Worker(config, name=name, url=url, slots=slots)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, w.request_stop)
+    return await w.run()

@@ -1,0 +1,434 @@
+"""The scheduler core, driven with a fake clock and no sockets."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from swarm import core as c
+from swarm.model import RetryPolicy, RollbackSpec, Symbol, Workflow
+from swarm.protocol import TaskAssignment, TaskResult
+
+NO_JITTER = RetryPolicy(initial_delay=100, max_delay=1000, backoff_factor=2.0, jitter=0.0)
+
+
+def sym(name: str, *deps: str, rollback: bool = False, **kw: Any) -> Symbol:
+    rb = RollbackSpec(name=f"undo_{name}") if rollback else None
+    return Symbol(name=name, type="action", dependencies=tuple(deps), rollback=rb, **kw)
+
+
+def wf(*symbols: Symbol, on_failure: str = "rollback") -> Workflow:
+    return Workflow(name="t", version="1", symbols=tuple(symbols), on_failure=on_failure)
+
+
+class Harness:
+    def __init__(self, **cfg: Any) -> None:
+        cfg.setdefault("retry", NO_JITTER)
+        self.s = c.Scheduler(c.SchedulerConfig(**cfg))
+        self.now = 1000.0
+        self.journal: list[c.Journal] = []
+        self.commands: list[c.Command] = []
+        self.inbox: dict[str, list[TaskAssignment]] = defaultdict(list)
+
+    def feed(self, event: c.Event) -> list[c.Command]:
+        cmds = self.s.handle(event)
+        self.s.validate()
+        self.commands += cmds
+        for cmd in cmds:
+            if isinstance(cmd, c.Journal):
+                self.journal.append(cmd)
+            elif isinstance(cmd, c.Assign):
+                self.inbox[cmd.node_id].extend(cmd.tasks)
+        return cmds
+
+    def node(self, name: str, caps: tuple[str, ...] = ("internal",), slots: int = 1,
+             running: tuple[int, ...] = ()) -> list[c.Command]:
+        return self.feed(c.NodeConnected(name, name, caps, slots, self.now, running=running))
+
+    def submit(self, workflow: Workflow, run_id: str = "r1") -> None:
+        self.feed(c.RunSubmitted(run_id, workflow, self.now))
+
+    def take(self, node: str) -> list[TaskAssignment]:
+        out, self.inbox[node] = self.inbox[node], []
+        return out
+
+    def names(self, node: str) -> list[str]:
+        return [t.symbol for t in self.take(node)]
+
+    def result(self, node: str, t: TaskAssignment, ok: bool = True, **kw: Any) -> list[c.Command]:
+        return self.feed(c.ResultsReceived(node, (TaskResult(token=t.token, task_id=t.task_id,
+                                                             ok=ok, **kw),), self.now))
+
+    def run_one(self, node: str, ok: bool = True, **kw: Any) -> str:
+        (t,) = self.take(node)
+        self.result(node, t, ok, **kw)
+        return t.symbol
+
+    def kinds(self, kind: str) -> list[str | None]:
+        return [j.symbol for j in self.journal if j.kind == kind]
+
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self.feed(c.Tick(self.now))
+
+    def state(self, name: str, run: str = "r1") -> str:
+        st = self.s.task_state(run, name)
+        assert st is not None
+        return st.value
+
+
+def test_a_symbol_is_released_only_when_all_its_dependencies_completed() -> None:
+    h = Harness()
+    h.node("w", slots=4)
+    h.submit(wf(sym("a"), sym("b"), sym("c", "a", "b")))
+    first = h.take("w")
+    assert sorted(t.symbol for t in first) == ["a", "b"]
+    h.result("w", first[0])
+    assert h.take("w") == []
+    assert h.state("c") == "pending"
+    h.result("w", first[1])
+    assert h.names("w") == ["c"]
+
+
+def test_ready_symbols_start_by_priority_higher_first() -> None:
+    h = Harness()
+    h.submit(wf(sym("low", priority=1), sym("high", priority=10), sym("mid", priority=5)))
+    h.node("w", slots=1)
+    order = [h.run_one("w") for _ in range(3)]
+    assert order == ["high", "mid", "low"]
+
+
+def test_ties_break_by_longest_remaining_path_then_manifest_order() -> None:
+    h = Harness()
+    # `short1`, `short2` have no dependents; `long` heads a chain of three.
+    h.submit(wf(sym("short1"), sym("short2"), sym("long"), sym("x", "long"), sym("y", "x")))
+    h.node("w", slots=1)
+    assert h.run_one("w") == "long"
+    assert h.run_one("w") == "x"  # remaining path 2 beats 1
+    assert [h.run_one("w") for _ in range(3)] == ["short1", "short2", "y"]  # rank 1 each
+
+
+def test_fifo_order_when_priority_queue_is_disabled() -> None:
+    h = Harness(priority_queue=False)
+    h.submit(wf(sym("a", priority=1), sym("b", priority=9)))
+    h.node("w", slots=1)
+    assert [h.run_one("w") for _ in range(2)] == ["a", "b"]
+
+
+def test_symbols_go_only_to_workers_advertising_their_backend() -> None:
+    h = Harness()
+    h.node("py", caps=("internal",), slots=4)
+    h.node("php", caps=("php_engine",), slots=4)
+    h.submit(wf(sym("p", dispatch="php_engine"), sym("i")))
+    assert h.names("php") == ["p"]
+    assert h.names("py") == ["i"]
+
+
+def test_a_symbol_no_worker_can_run_waits_without_blocking_others() -> None:
+    h = Harness()
+    h.node("py", slots=1)
+    h.submit(wf(sym("ps", dispatch="powershell_engine", priority=100), sym("i")))
+    assert h.names("py") == ["i"]
+    assert h.state("ps") == "ready"
+    h.node("pwsh", caps=("powershell_engine",))
+    assert h.names("pwsh") == ["ps"]
+
+
+def test_least_loaded_worker_first() -> None:
+    h = Harness()
+    h.node("a", slots=2)
+    h.node("b", slots=2)
+    h.submit(wf(*(sym(f"s{i}") for i in range(4))))
+    assert len(h.take("a")) == 2 and len(h.take("b")) == 2
+    h2 = Harness()
+    h2.node("a", slots=4)
+    h2.node("b", slots=4)
+    h2.submit(wf(sym("s1"), sym("s2")))
+    assert len(h2.take("a")) == 1 and len(h2.take("b")) == 1
+
+
+def test_without_load_balancing_workers_fill_in_registration_order() -> None:
+    h = Harness(load_balancing=False)
+    h.node("a", slots=2)
+    h.node("b", slots=2)
+    h.submit(wf(sym("s1"), sym("s2"), sym("s3")))
+    assert len(h.take("a")) == 2 and len(h.take("b")) == 1
+
+
+def test_never_more_assignments_than_free_slots() -> None:
+    h = Harness()
+    h.node("w", slots=3)
+    h.submit(wf(*(sym(f"s{i}") for i in range(10))))
+    got = h.take("w")
+    assert len(got) == 3
+    h.result("w", got[0])
+    assert len(h.take("w")) == 1
+
+
+def test_a_failure_is_retried_after_backoff_then_succeeds() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a", retries=2)))
+    (t1,) = h.take("w")
+    h.result("w", t1, ok=False, error="boom")
+    assert h.state("a") == "retrying"
+    assert h.s.next_deadline() == pytest.approx(h.now + 0.1)
+    h.tick(0.05)
+    assert h.take("w") == []
+    h.tick(0.06)
+    (t2,) = h.take("w")
+    assert t2.attempt == 2 and t2.token != t1.token
+    h.result("w", t2)
+    assert h.state("a") == "completed"
+    assert h.s.run_state("r1") == c.RunState.COMPLETED
+
+
+def test_retries_exhausted_fail_the_symbol() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a", retries=1), on_failure="abort"))
+    h.run_one("w", ok=False)
+    h.tick(1)
+    h.run_one("w", ok=False)
+    assert h.state("a") == "failed"
+    assert h.s.run_state("r1") == c.RunState.FAILED
+    assert [j.attempt for j in h.journal if j.kind == "symbol.started"] == [1, 2]
+
+
+def test_not_retryable_failure_fails_at_once() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a", retries=3)))
+    h.run_one("w", ok=False, retryable=False)
+    assert h.state("a") == "failed"
+    assert h.kinds("symbol.retrying") == []
+
+
+def test_deadline_beats_remaining_retries() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a", retries=5, deadline=500)))
+    h.run_one("w", ok=False)
+    h.tick(0.2)
+    h.now += 0.4
+    h.run_one("w", ok=False)
+    assert h.state("a") == "failed"
+
+
+def test_backoff_grows_by_factor_is_capped_and_jitter_is_bounded() -> None:
+    p = RetryPolicy(initial_delay=100, max_delay=1000, backoff_factor=2.0, jitter=0.0)
+    assert [c.backoff_delay(p, "t", n) for n in (1, 2, 3, 4, 5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+    pj = RetryPolicy(initial_delay=1000, max_delay=60_000, backoff_factor=2.0, jitter=0.5)
+    delays = {c.backoff_delay(pj, f"task{i}", 1) for i in range(50)}
+    assert all(0.5 <= d <= 1.5 for d in delays) and len(delays) > 10
+
+
+def test_rollback_runs_own_rollback_then_completed_ones_in_reverse_dependency_order() -> None:
+    h = Harness()
+    h.node("w", slots=4)
+    h.submit(wf(sym("a", rollback=True), sym("b", "a", rollback=True),
+                sym("c", "b", rollback=True, retries=0)))
+    assert h.run_one("w") == "a"
+    assert h.run_one("w") == "b"
+    assert h.run_one("w", ok=False) == "c"
+    assert h.run_one("w") == "undo_c"  # the failed symbol's own rollback first
+    assert h.run_one("w") == "undo_b"
+    assert h.run_one("w") == "undo_a"
+    assert h.s.run_state("r1") == c.RunState.ROLLED_BACK
+    assert h.state("a") == h.state("b") == "rolled_back"
+    assert h.state("c") == "failed"
+
+
+def test_rollback_of_x_waits_for_rollbacks_of_its_descendants_even_through_gaps() -> None:
+    h = Harness()
+    h.node("w", slots=4)
+    # b has no rollback: undo_a must still wait for undo_c (c depends on a through b).
+    h.submit(wf(sym("a", rollback=True), sym("b", "a"), sym("c", "b", rollback=True),
+                sym("d", "c", retries=0)))
+    for _ in range(3):
+        h.run_one("w")
+    h.run_one("w", ok=False)
+    assert h.names("w") == ["undo_c"]
+    assert h.state("a") == "completed"
+
+
+def test_on_failure_rollback_lets_running_symbols_finish_and_starts_nothing_new() -> None:
+    h = Harness()
+    h.node("w", slots=2)
+    h.submit(wf(sym("a", retries=0), sym("b", rollback=True), sym("c", "b")))
+    ta, tb = sorted(h.take("w"), key=lambda t: t.symbol)
+    h.result("w", ta, ok=False)
+    assert h.state("c") == "skipped" and h.state("b") == "running"
+    assert h.take("w") == []  # nothing starts, no rollback yet: b still runs
+    h.result("w", tb)
+    assert h.names("w") == ["undo_b"]
+
+
+def test_on_failure_continue_skips_dependents_and_runs_independent_branches() -> None:
+    h = Harness()
+    h.node("w", slots=1)
+    h.submit(wf(sym("bad", retries=0, priority=5), sym("child", "bad"),
+                sym("grandchild", "child"), sym("other"), on_failure="continue"))
+    assert h.run_one("w", ok=False) == "bad"
+    assert h.state("child") == h.state("grandchild") == "skipped"
+    assert h.run_one("w") == "other"
+    assert h.s.run_state("r1") == c.RunState.FAILED
+
+
+def test_on_failure_abort_starts_nothing_and_rolls_back_nothing_completed() -> None:
+    h = Harness()
+    h.node("w", slots=1)
+    h.submit(wf(sym("a", rollback=True, priority=9),
+                sym("bad", retries=0, rollback=True, priority=5), sym("z"), on_failure="abort"))
+    h.run_one("w")
+    h.run_one("w", ok=False)
+    assert h.run_one("w") == "undo_bad"  # its own rollback, and nothing else
+    assert h.take("w") == []
+    assert h.state("z") == "skipped" and h.state("a") == "completed"
+    assert h.s.run_state("r1") == c.RunState.FAILED
+
+
+def test_a_failing_rollback_ends_the_run_failed() -> None:
+    h = Harness()
+    h.node("w", slots=1)
+    h.submit(wf(sym("a", rollback=True), sym("b", "a", retries=0)))
+    h.run_one("w")
+    h.run_one("w", ok=False)
+    (t,) = h.take("w")
+    assert t.symbol == "undo_a"
+    for _ in range(4):  # the rollback's own retries
+        h.result("w", t, ok=False)
+        h.tick(1.5)
+        got = h.take("w")
+        if not got:
+            break
+        (t,) = got
+    assert h.s.run_state("r1") == c.RunState.FAILED
+
+
+def test_journal_records_a_completion_before_the_assignment_of_its_dependent() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a"), sym("b", "a")))
+    (t,) = h.take("w")
+    cmds = h.result("w", t)
+    kinds = [type(x).__name__ + (":" + x.kind if isinstance(x, c.Journal) else "") for x in cmds]
+    assert kinds.index("Journal:symbol.completed") < kinds.index("Assign")
+
+
+def test_lost_worker_tasks_are_requeued_and_counted_apart_from_retries() -> None:
+    h = Harness(max_worker_losses=3)
+    h.submit(wf(sym("a", retries=0)))
+    for i in range(3):
+        h.node(f"w{i}")
+        assert h.names(f"w{i}") == ["a"]
+        h.feed(c.NodeDisconnected(f"w{i}", h.now))
+    assert h.state("a") == "failed"
+    (failed,) = [j for j in h.journal if j.kind == "symbol.failed"]
+    assert failed.data["error"] == "worker lost 3 times"
+    assert h.kinds("symbol.retrying") == []
+
+
+def test_graceful_leave_is_not_a_loss() -> None:
+    h = Harness(max_worker_losses=1)
+    h.submit(wf(sym("a")))
+    h.node("w1")
+    h.take("w1")
+    h.feed(c.NodeDisconnected("w1", h.now, graceful=True))
+    assert h.state("a") == "ready"
+    h.node("w2")
+    assert h.names("w2") == ["a"]
+
+
+def test_stale_result_after_reassignment_is_acknowledged_and_dropped() -> None:
+    h = Harness()
+    h.submit(wf(sym("a")))
+    h.node("w1")
+    (old,) = h.take("w1")
+    h.feed(c.NodeDisconnected("w1", h.now))
+    h.node("w2")
+    (new,) = h.take("w2")
+    h.node("w1")  # back again, reporting the old attempt through a new session
+    cmds = h.result("w1", old)
+    assert any(isinstance(x, c.Ack) and old.token in x.tokens for x in cmds)
+    assert h.kinds("result.dropped")
+    assert h.state("a") == "running"
+    h.result("w2", new)
+    assert h.state("a") == "completed"
+    assert len(h.kinds("symbol.completed")) == 1
+
+
+def test_duplicate_result_is_recorded_once() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a")))
+    (t,) = h.take("w")
+    h.result("w", t)
+    h.result("w", t)
+    assert h.kinds("symbol.completed") == ["a"]
+
+
+def test_silent_worker_is_closed_after_heartbeat_timeout_and_its_task_requeued() -> None:
+    h = Harness(heartbeat_timeout=10.0)
+    h.node("w1")
+    h.node("w2")
+    h.submit(wf(sym("a"), sym("b")))
+    h.take("w1"), h.take("w2")
+    h.now += 6
+    h.feed(c.NodeHeartbeat("w2", h.now))
+    h.tick(5)
+    assert any(isinstance(x, c.CloseNode) and x.node_id == "w1" for x in h.commands)
+    assert not any(isinstance(x, c.CloseNode) and x.node_id == "w2" for x in h.commands)
+    assert h.kinds("attempt.lost")
+
+
+def test_reconnecting_worker_keeps_an_attempt_nobody_took_and_abandons_the_rest() -> None:
+    h = Harness()
+    h.submit(wf(sym("a")))
+    h.node("w", slots=2)
+    (t,) = h.take("w")
+    h.feed(c.NodeDisconnected("w", h.now))
+    cmds = h.node("w", slots=2, running=(t.token, 999))
+    assert h.state("a") == "running"
+    assert any(isinstance(x, c.Abandon) and x.tokens == (999,) for x in cmds)
+    h.result("w", t)
+    assert h.state("a") == "completed"
+
+
+def test_many_runs_are_active_at_once() -> None:
+    h = Harness()
+    h.node("w", slots=2)
+    h.submit(wf(sym("a"), sym("b", "a")), run_id="r1")
+    h.submit(wf(sym("a"), sym("b", "a")), run_id="r2")
+    got = h.take("w")
+    assert sorted(t.run_id for t in got) == ["r1", "r2"]
+    for t in got:
+        h.result("w", t)
+    for t in h.take("w"):
+        h.result("w", t)
+    assert h.s.run_state("r1") == h.s.run_state("r2") == c.RunState.COMPLETED
+
+
+def test_illegal_transition_raises_and_leaves_state_untouched() -> None:
+    h = Harness()
+    h.submit(wf(sym("a")))
+    task = h.s._runs["r1"].tasks["a"]
+    with pytest.raises(c.IllegalTransition):
+        h.s._set(task, c.TaskState.COMPLETED)
+    assert task.state is c.TaskState.READY
+
+
+def test_event_sequence_of_a_two_symbol_run() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a"), sym("b", "a")))
+    h.run_one("w")
+    h.run_one("w")
+    kinds = [j.kind for j in h.journal if j.run_id]
+    assert kinds == [
+        "run.started", "symbol.queued", "symbol.started", "attempt.finished",
+        "symbol.completed", "symbol.queued", "symbol.started", "attempt.finished",
+        "symbol.completed", "run.completed",
+    ]
