@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
-from .model import RetryPolicy
+from .model import DISPATCHES, RetryPolicy
 
 DEFAULT_PORT = 8080
 DEFAULT_CONFIG_NAME = "swarm-config.toml"
@@ -177,7 +177,7 @@ def _convert(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
             isinstance(k, str) and isinstance(v, vtype) for k, v in value.items()
         ):
             raise ConfigError(f"'{where}' must be a table of {vtype.__name__} values")
-        return dict(value)
+        return {**default, **value}  # keys not given keep their defaults
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -185,16 +185,21 @@ def _convert(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
         raise ConfigError(
             f"'{where}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
         )
-    if expected is int and value < 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
         raise ConfigError(f"'{where}' must not be negative, got {value}")
     return value
 
 
 def _validate(cfg: Config) -> None:
     if not 0 <= cfg.dispatcher.websocket_port <= 65535:
-        raise ConfigError(f"'dispatcher.websocket_port' out of range: {cfg.dispatcher.websocket_port}")
+        raise ConfigError(
+            f"'dispatcher.websocket_port' out of range: {cfg.dispatcher.websocket_port}")
     if cfg.dispatcher.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError("'dispatcher.synchronous' must be FULL, NORMAL or EXTRA")
+    unknown = sorted(set(cfg.worker.capabilities) - set(DISPATCHES))
+    if unknown:
+        raise ConfigError(f"unknown backend '{unknown[0]}' in [worker.capabilities]; "
+                          f"known: {', '.join(DISPATCHES)}")
     if cfg.worker.max_concurrent_tasks < 1:
         raise ConfigError("'worker.max_concurrent_tasks' must be at least 1")
     for key in ("heartbeat_interval", "heartbeat_timeout"):

@@ -90,6 +90,7 @@ class Cluster:
         self.config_path = root / "swarm-config.toml"
         self.config_path.write_text(BASE_CONFIG + config)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[Any] = []
         self.url = ""
 
     def write_config(self, name: str, extra: str) -> Path:
@@ -99,7 +100,8 @@ class Cluster:
 
     def _spawn(self, key: str, argv: list[str], extra_env: dict[str, str] | None = None
                ) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{key}.log", "wb")  # noqa: SIM115 - kept for the process
+        log = open(self.root / f"{key}.log", "ab")  # noqa: SIM115 - closed in close()
+        self._logs.append(log)
         e = env()
         e.update(extra_env or {})
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
@@ -196,6 +198,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for log in self._logs:
+            log.close()
 
 
 def result_json(cp: subprocess.CompletedProcess[str]) -> dict[str, Any]:

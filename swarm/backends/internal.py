@@ -1,0 +1,167 @@
+"""In-process handlers for `dispatch: internal` (DESIGN §4).
+
+A handler is `fn(parameters, invocation) -> JSON-able value`, sync or async. It is chosen
+by `parameters["handler"]`, else by the symbol name. Built-ins: `noop`, `echo`, `delay`,
+`fail`. More come from `register()` / `@handler(...)` or from the `swarm.handlers` entry
+point group (`load_entry_points()`).
+
+Sync handlers run in a thread so they cannot stall the worker's event loop. A thread
+cannot be killed: on timeout the attempt is reported timed out at once, but a sync
+handler that ignores time keeps its thread until it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import importlib.metadata
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .process import Invocation, Outcome
+
+log = logging.getLogger("swarm.backends.internal")
+
+ENTRY_POINT_GROUP = "swarm.handlers"
+
+Handler = Callable[[dict[str, Any], Invocation], Any]
+H = TypeVar("H", bound=Handler)
+
+_HANDLERS: dict[str, Handler] = {}
+
+
+class HandlerFailure(Exception):
+    """Raised by a handler to fail its attempt; `retryable=False` stops further retries."""
+
+    def __init__(self, message: str = "handler failed", *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def register(name: str, fn: Handler) -> None:
+    """Make `fn` the handler called `name` (replacing any handler of that name)."""
+    if not name:
+        raise ValueError("a handler needs a name")
+    if not callable(fn):
+        raise TypeError(f"handler {name!r} is not callable: {fn!r}")
+    _HANDLERS[name] = fn
+
+
+def handler(name: str) -> Callable[[H], H]:
+    """Decorator form of `register`: `@handler("resize")`."""
+
+    def deco(fn: H) -> H:
+        register(name, fn)
+        return fn
+
+    return deco
+
+
+def registered() -> dict[str, Handler]:
+    """A copy of the registry: name -> handler."""
+    return dict(_HANDLERS)
+
+
+def load_entry_points() -> list[str]:
+    """Load the `swarm.handlers` entry points; returns the names registered.
+
+    An entry point names a callable (registered under the entry point's name) or a module
+    that registers its handlers on import. A broken one is logged and skipped.
+    """
+    loaded: list[str] = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            if not inspect.ismodule(obj):
+                register(ep.name, obj)
+        except Exception:
+            log.exception("skipping handler entry point %r (%s)", ep.name, ep.value)
+        else:
+            loaded.append(ep.name)
+    return loaded
+
+
+async def run_internal(inv: Invocation, timeout_ms: int) -> Outcome:
+    """Run the handler `inv` names; `timeout_ms` <= 0 means no limit. Never raises
+    except CancelledError."""
+    started = time.monotonic()
+
+    def done(ok: bool, output: Any = None, **kw: Any) -> Outcome:
+        elapsed = (time.monotonic() - started) * 1000
+        return Outcome(ok=ok, output=output, duration_ms=elapsed, **kw)
+
+    name = inv.parameters.get("handler", inv.symbol)
+    fn = _HANDLERS.get(name) if isinstance(name, str) else None
+    if fn is None:
+        known = ", ".join(sorted(_HANDLERS)) or "none"
+        error = f"unknown internal handler {name!r} (known: {known})"
+        return done(False, error=error, retryable=False)
+    params = copy.deepcopy(inv.parameters)  # a handler must not change what the worker holds
+    limit = timeout_ms / 1000 if timeout_ms > 0 else None
+    scope = asyncio.timeout(limit)
+    try:
+        async with scope:
+            result = await _call(fn, params, inv)
+    except TimeoutError as e:
+        if not scope.expired():  # the handler's own timeout (a socket, say), not ours
+            return done(False, error=f"TimeoutError: {e or 'raised by the handler'}")
+        return done(False, error=f"timed out after {timeout_ms} ms", timed_out=True)
+    except HandlerFailure as e:
+        return done(False, error=str(e), retryable=e.retryable)
+    except Exception as e:
+        return done(False, error=f"{type(e).__name__}: {e}")
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as e:
+        error = f"handler {name!r} returned a value that is not JSON: {e}"
+        return done(False, error=error, retryable=False)
+    return done(True, result)
+
+
+async def _call(fn: Handler, params: dict[str, Any], inv: Invocation) -> Any:
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    ):
+        return await fn(params, inv)
+    result = await asyncio.to_thread(fn, params, inv)
+    if inspect.isawaitable(result):  # e.g. a lambda or partial returning a coroutine
+        result = await result
+    return result
+
+
+# --- built-ins --------------------------------------------------------------------------
+
+
+@handler("noop")
+async def _noop(parameters: dict[str, Any], inv: Invocation) -> None:
+    return None
+
+
+@handler("echo")
+async def _echo(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+    return {k: v for k, v in parameters.items() if k != "handler"}
+
+
+@handler("delay")
+async def _delay(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+    ms = parameters.get("ms", 0)
+    if isinstance(ms, bool) or not isinstance(ms, int | float) or ms < 0:
+        message = f"delay: 'ms' must be a non-negative number, got {ms!r}"
+        raise HandlerFailure(message, retryable=False)
+    await asyncio.sleep(ms / 1000)
+    return {"slept_ms": ms}
+
+
+@handler("fail")
+async def _fail(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+    succeed_on = parameters.get("succeed_on_attempt")
+    if isinstance(succeed_on, int) and not isinstance(succeed_on, bool) and (
+        inv.attempt >= succeed_on
+    ):
+        return {"attempt": inv.attempt}
+    message = parameters.get("message", "failed on purpose")
+    raise HandlerFailure(str(message), retryable=bool(parameters.get("retryable", True)))

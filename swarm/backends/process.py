@@ -1,0 +1,312 @@
+"""One attempt of one symbol: what it is, what came of it, and how a subprocess runs it.
+
+Rules this module keeps (DESIGN §4):
+
+- argv is built here and executed directly, never through a shell;
+- stdin gets the task document, then EOF; a backend that does not read it is fine;
+- stdout and stderr are each kept up to a cap; the rest is read and dropped on arrival,
+  so a backend printing gigabytes costs no memory;
+- the backend runs in its own session, hence its own process group, and that whole group
+  is SIGKILLed before `run_process` returns, whatever happened (success, failure, timeout,
+  cancellation): no grandchild outlives the attempt or keeps our pipes open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+_TAIL = 4096  # bytes at the end of stderr kept apart from the cap: the error line lives there
+_DRAIN_MIN_S = 0.5  # after the group is killed, how long its pipes may take to reach EOF
+_REAP_S = 5.0  # SIGKILL cannot be ignored; this only bounds a process stuck in the kernel
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One attempt of one symbol, as the worker hands it to a backend."""
+
+    run_id: str
+    task_id: str
+    symbol: str
+    type: str
+    context: str
+    dispatch: str  # rust_injector | php_engine | powershell_engine | internal
+    parameters: dict[str, Any]
+    attempt: int  # 1-based
+    timeout_ms: int  # the symbol's per-attempt timeout
+
+    def document(self) -> dict[str, Any]:
+        """The task document a backend receives on stdin (as JSON)."""
+        return {
+            "run_id": self.run_id,
+            "task_id": self.task_id,
+            "symbol": self.symbol,
+            "type": self.type,
+            "context": self.context,
+            "dispatch": self.dispatch,
+            "parameters": self.parameters,
+            "attempt": self.attempt,
+            "timeout": self.timeout_ms,
+        }
+
+    def environment(self) -> dict[str, str]:
+        """The variables added to the worker's environment for this attempt."""
+        return {
+            "SWARM_RUN_ID": self.run_id,
+            "SWARM_TASK_ID": self.task_id,
+            "SWARM_SYMBOL": self.symbol,
+            "SWARM_ATTEMPT": str(self.attempt),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt came to. `run()` returns one for every failure instead of raising."""
+
+    ok: bool
+    output: Any  # stdout as JSON if it is JSON, else trimmed text; internal: the return value
+    error: str = ""
+    exit_code: int | None = None
+    retryable: bool = True
+    timed_out: bool = False
+    duration_ms: float = 0.0
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+def build_argv(dispatch: str, command: str, script: str, inv: Invocation) -> list[str]:
+    """The exact command line of DESIGN §4 for `dispatch` (script is unused for rust)."""
+    params = json.dumps(inv.parameters)
+    if dispatch == "rust_injector":
+        return [command, *_flags(inv, params)]
+    if dispatch == "php_engine":
+        return [command, script, *_flags(inv, params)]
+    if dispatch == "powershell_engine":
+        return [command, "-NoProfile", "-NonInteractive", "-File", script,
+                "-SymbolName", inv.symbol, "-SymbolType", inv.type,
+                "-Context", inv.context, "-Parameters", params]
+    raise ValueError(f"no command line for dispatch {dispatch!r}")
+
+
+def _flags(inv: Invocation, params: str) -> list[str]:
+    return ["--symbol", inv.symbol, "--type", inv.type, "--context", inv.context,
+            "--params", params]
+
+
+class _Capture(asyncio.SubprocessProtocol):
+    """Keeps the first `cap` bytes of stdout and stderr and counts the rest."""
+
+    def __init__(self, cap: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.cap = cap
+        self.kept = {1: bytearray(), 2: bytearray()}
+        self.dropped = {1: 0, 2: 0}
+        self.tail = b""
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()  # stdout and stderr at EOF
+        self._open = {1, 2}
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.abandoned = False  # nobody awaits this attempt: close the transport on exit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.SubprocessTransport, transport)
+
+    def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        kept = self.kept[fd]
+        room = max(self.cap - len(kept), 0)
+        if room:
+            kept += data[:room]
+        self.dropped[fd] += max(len(data) - room, 0)
+        if fd == 2:
+            self.tail = (self.tail + data[-_TAIL:])[-_TAIL:]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open.discard(fd)
+        if not self._open and not self.closed.done():
+            self.closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+        if self.abandoned and self.transport is not None:
+            self.transport.close()
+
+    def abandon(self) -> None:
+        """Kill the group and close the transport once the leader is reaped.
+
+        Closing earlier would make asyncio reap the child itself (Popen.poll), racing the
+        child watcher ("Unknown child process pid ...")."""
+        assert self.transport is not None
+        _killpg(self.transport.get_pid(), signal.SIGKILL)
+        self.abandoned = True
+        if self.exited.done():
+            self.transport.close()
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    # Lookup error: the group is empty already (PermissionError: only zombies, on some OSes).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _spawn(
+    argv: Sequence[str], env: Mapping[str, str] | None, proto: _Capture
+) -> asyncio.SubprocessTransport:
+    loop = asyncio.get_running_loop()
+    spawn = asyncio.ensure_future(
+        loop.subprocess_exec(
+            lambda: proto,
+            *argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+    )
+    try:
+        transport, _ = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        # Cancelled while forking: the child may exist already; kill its group once known.
+        def abandon(fut: asyncio.Future[Any]) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                proto.abandon()
+
+        spawn.add_done_callback(abandon)
+        raise
+    return transport
+
+
+def _feed(transport: asyncio.SubprocessTransport, data: bytes) -> None:
+    pipe = transport.get_pipe_transport(0)
+    if not isinstance(pipe, asyncio.WriteTransport):
+        return
+    try:
+        if data:
+            pipe.write(data)
+        pipe.write_eof()  # closes stdin once the data is flushed
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the backend does not read stdin, or is gone already: not our failure
+
+
+async def _stop(pgid: int, proto: _Capture, grace_s: float) -> None:
+    """SIGTERM the group; SIGKILL it once the leader and the pipes are done, or after grace."""
+    _killpg(pgid, signal.SIGTERM)
+    # Pipes at EOF mean no member still holds them; until then someone may be cleaning up.
+    await asyncio.wait({proto.exited, proto.closed}, timeout=grace_s)
+    _killpg(pgid, signal.SIGKILL)
+    await asyncio.wait({proto.exited}, timeout=_REAP_S)
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    stdin: bytes = b"",
+    env: Mapping[str, str] | None = None,
+    timeout_ms: int = 0,
+    output_cap: int = 1 << 20,
+    kill_grace_ms: int = 2000,
+) -> Outcome:
+    """Run `argv` in a new process group and report how it went.
+
+    `timeout_ms` <= 0 means no limit. Raises only CancelledError (after the group is
+    stopped: SIGTERM, then SIGKILL after `kill_grace_ms`).
+    """
+    started = time.monotonic()
+    proto = _Capture(output_cap)
+    try:
+        transport = await _spawn(argv, env, proto)
+    except (OSError, ValueError) as e:
+        # E2BIG (parameters too long for argv) and NUL bytes will fail the same way again.
+        retryable = isinstance(e, OSError) and e.errno != errno.E2BIG
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return Outcome(
+            ok=False,
+            output="",
+            error=f"cannot start {argv[0]}: {reason}",
+            retryable=retryable,
+            duration_ms=(time.monotonic() - started) * 1000,
+        )
+    pgid = transport.get_pid()  # the leader of a new session leads its own group
+    grace_s = max(kill_grace_ms, 0) / 1000
+    timed_out = False
+    try:
+        _feed(transport, stdin)
+        limit = timeout_ms / 1000 if timeout_ms > 0 else None
+        done, _ = await asyncio.wait({proto.exited}, timeout=limit)
+        if not done:
+            timed_out = True
+            await _stop(pgid, proto, grace_s)
+        # The leader is gone: whatever is left in its group is an orphan holding our pipes.
+        _killpg(pgid, signal.SIGKILL)
+        await asyncio.wait({proto.closed}, timeout=max(grace_s, _DRAIN_MIN_S))
+    except asyncio.CancelledError:
+        await _stop(pgid, proto, grace_s)
+        raise
+    finally:
+        if proto.exited.done():
+            _killpg(pgid, signal.SIGKILL)
+            transport.close()
+        else:  # cancelled again while stopping, or a leader stuck in the kernel
+            proto.abandon()
+    return _outcome(proto, transport.get_returncode(), timed_out, timeout_ms, started)
+
+
+def _outcome(
+    proto: _Capture, code: int | None, timed_out: bool, timeout_ms: int, started: float
+) -> Outcome:
+    output = parse_output(proto.kept[1].decode("utf-8", errors="replace"))
+    common: dict[str, Any] = {
+        "output": output,
+        "exit_code": code,
+        "duration_ms": (time.monotonic() - started) * 1000,
+        "stderr": proto.kept[2].decode("utf-8", errors="replace"),
+        "stdout_truncated": proto.dropped[1] > 0,
+        "stderr_truncated": proto.dropped[2] > 0,
+    }
+    if timed_out:
+        error = f"timed out after {timeout_ms} ms"
+        return Outcome(ok=False, error=error, timed_out=True, **common)
+    if code == 0:
+        return Outcome(ok=True, **common)
+    said_no = isinstance(output, dict) and output.get("retryable") is False
+    error = _exit_error(code, proto.tail, output)
+    return Outcome(ok=False, error=error, retryable=not said_no, **common)
+
+
+def parse_output(text: str) -> Any:
+    """stdout as JSON if the whole of it is JSON, else the trimmed text ("" if none)."""
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _exit_error(code: int | None, stderr_tail: bytes, output: Any) -> str:
+    if code is None:
+        head = "did not exit after SIGKILL"
+    elif code < 0:
+        try:
+            head = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            head = f"killed by signal {-code}"
+    else:
+        head = f"exit code {code}"
+    lines = stderr_tail.decode("utf-8", errors="replace").strip().splitlines()
+    detail = lines[-1].strip() if lines else ""
+    if not detail and isinstance(output, dict) and isinstance(output.get("error"), str):
+        detail = output["error"]
+    return f"{head}: {detail[:500]}" if detail else head
