@@ -154,4 +154,5 @@ def setup_logging(level: str = "info", file: str = "") -> None:
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(fh)
     logging.basicConfig(level=lvl, handlers=handlers, force=True)
-    logging.getLogger("websockets").setLevel(max(lvl, logging.WARNING))
+    for noisy in ("websockets", "aiosqlite"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))

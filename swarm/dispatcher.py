@@ -108,6 +108,8 @@ class Dispatcher:
         self._records: list[c.Journal] = []
         self._sends: list[tuple[_Peer, p.Message | None]] = []
         self._dirty = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._closing = False
         self._rearm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
@@ -145,12 +147,16 @@ class Dispatcher:
             self._server.close()  # closes connections with 1001 going away
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 10)
-        await self._flush()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self._tasks:
+            flusher, ticker = self._tasks
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            # The flusher commits what the last connections' endings recorded, then ends;
+            # it is never cancelled in the middle of a transaction.
+            self._closing = True
+            self._dirty.set()
+            await flusher
         if self.store is not None:
             await self.store.close()
         self.stopped.set()
@@ -187,28 +193,28 @@ class Dispatcher:
         self._rearm.set()
 
     async def _flush(self) -> None:
-        records, sends = self._records, self._sends
-        self._records, self._sends = [], []
-        if records:
-            assert self.store is not None
-            await self.store.write(records)
-            self._publish(records)
-        for peer, msg in sends:
-            if msg is None:
-                asyncio.get_running_loop().create_task(
-                    peer.ws.close(p.CLOSE_HEARTBEAT, "heartbeat timeout"))
-            else:
-                peer.send(msg)
+        async with self._flush_lock:  # one group commit at a time, in order
+            records, sends = self._records, self._sends
+            self._records, self._sends = [], []
+            if records:
+                assert self.store is not None
+                await self.store.write(records)
+                self._publish(records)
+            for peer, msg in sends:
+                if msg is None:
+                    asyncio.get_running_loop().create_task(
+                        peer.ws.close(p.CLOSE_HEARTBEAT, "heartbeat timeout"))
+                else:
+                    peer.send(msg)
 
     async def _flush_loop(self) -> None:
         try:
-            while True:
+            while not self._closing:
                 await self._dirty.wait()
                 self._dirty.clear()
                 await self._flush()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:  # the state DB failed: stop rather than act unrecorded
+            await self._flush()
+        except Exception as e:  # the state DB failed: stop rather than act unrecorded
             log.critical("cannot write the state database: %s", e)
             self.failed = e
             self.stopped.set()
