@@ -19,7 +19,8 @@ from typing import Any
 
 from . import __version__
 from .config import Config, default_config_text, load_config
-from .errors import ConfigError, SwarmError
+from .errors import ConfigError, InputError, SwarmError
+from .model import Workflow
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 RUN_EXIT = {"completed": EXIT_OK}
@@ -217,6 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with LocalSwarm(cfg, workers=args.workers, slots=args.slots,
                               db_path=args.db) as ls, ls.client() as c:
+            _check_routable(workflow, (await c.status())["nodes"])
             run_id = await c.deploy(workflow)
             if not args.json:
                 print(f"run {run_id}: {workflow.name} {workflow.version}, "
@@ -226,6 +228,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _report(run, args.json)
 
     return _run(go())
+
+
+def _check_routable(workflow: Workflow, nodes: list[dict[str, Any]]) -> None:
+    """Refuse a run that would wait forever: every backend it needs must be advertised."""
+    have = {cap for n in nodes for cap in n["capabilities"]}
+    missing: dict[str, list[str]] = {}
+    for s in workflow.symbols:
+        for name, dispatch in ((s.name, s.dispatch),
+                               *(((s.rollback.name, s.rollback.dispatch),) if s.rollback else ())):
+            if dispatch not in have:
+                missing.setdefault(dispatch, []).append(name)
+    if missing:
+        lines = [f"no local worker can run dispatch '{d}' (symbols: {', '.join(names)})"
+                 for d, names in missing.items()]
+        raise InputError("; ".join(lines) + f". The workers advertise: {', '.join(sorted(have))}"
+                         ". Configure the backend under [backends] and pass --config; "
+                         "`swarm start-worker --log-level info` says why one is not advertised.")
 
 
 # --- offline --------------------------------------------------------------------------

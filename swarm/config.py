@@ -12,6 +12,7 @@ import difflib
 import os
 import socket
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -177,7 +178,7 @@ def _convert(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
             isinstance(k, str) and isinstance(v, vtype) for k, v in value.items()
         ):
             raise ConfigError(f"'{where}' must be a table of {vtype.__name__} values")
-        return {**default, **value}  # keys not given keep their defaults
+        return {**typing.cast(dict[str, Any], default), **value}  # unnamed keys keep defaults
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

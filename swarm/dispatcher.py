@@ -378,7 +378,7 @@ class Dispatcher:
             data["uptime"] = time.time() - self._started
             peer.send(p.Reply(id=req.id, ok=True, data=data))
         elif req.op == "run":
-            run = await self.store.run(a["run_id"])
+            run: dict[str, Any] | None = await self.store.run(a["run_id"])
             if run is None:
                 peer.send(p.Reply(id=req.id, ok=False, error=f"no run {a['run_id']!r}", code=2))
                 return
@@ -388,21 +388,21 @@ class Dispatcher:
             peer.send(p.Reply(id=req.id, ok=True,
                               data={"runs": await self.store.runs(a.get("limit", 20))}))
         elif req.op == "watch":
-            run_id = a.get("run_id")
-            if run_id is None:
+            watched: str | None = a.get("run_id")
+            if watched is None:
                 peer.watch_all = True
             else:
-                peer.watching.add(run_id)
-            state = self.core.run_state(run_id) if run_id else None
-            if run_id and state is None:
-                row = await self.store.run(run_id)
+                peer.watching.add(watched)
+            state = self.core.run_state(watched) if watched else None
+            if watched and state is None:
+                row = await self.store.run(watched)
                 if row is None:
-                    peer.send(p.Reply(id=req.id, ok=False, error=f"no run {run_id!r}", code=2))
+                    peer.send(p.Reply(id=req.id, ok=False, error=f"no run {watched!r}", code=2))
                     return
                 state_text = row["status"]
             else:
                 state_text = state.value if state else ""
-            peer.send(p.Reply(id=req.id, ok=True, data={"run_id": run_id, "state": state_text}))
+            peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": state_text}))
 
 
 async def serve_forever(config: Config, *, host: str | None = None, port: int | None = None,

@@ -19,7 +19,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Union
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -165,10 +165,8 @@ class Event:
     seq: int = 0
 
 
-Message = Union[
-    Challenge, Hello, Welcome, Assign, Results, Ack, Heartbeat, Abandon, Draining, Request,
-    Reply, Event,
-]
+Message = (Challenge | Hello | Welcome | Assign | Results | Ack | Heartbeat | Abandon | Draining
+           | Request | Reply | Event)
 MESSAGES: dict[str, type[Any]] = {
     c.T: c
     for c in (
@@ -208,7 +206,7 @@ def _plain(value: Any) -> Any:
 
 def to_dict(msg: Message) -> dict[str, Any]:
     d: dict[str, Any] = {"t": msg.T}
-    for f in fields(msg):  # type: ignore[arg-type]
+    for f in fields(msg):
         d[f.name] = _plain(getattr(msg, f.name))
     return d
 

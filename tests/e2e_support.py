@@ -118,7 +118,8 @@ class Cluster:
 
         def up() -> str:
             if proc.poll() is not None:
-                raise AssertionError(f"dispatcher exited {proc.returncode}: {self.log('dispatcher')}")
+                raise AssertionError(
+                    f"dispatcher exited {proc.returncode}: {self.log('dispatcher')}")
             return ready.read_text().strip() if ready.exists() else ""
 
         self.url = wait_for(up, what="the dispatcher to listen")
@@ -187,7 +188,7 @@ class Cluster:
             return proc.wait()
 
     def close(self) -> None:
-        for key, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
                 proc.send_signal(signal.SIGTERM)
@@ -206,4 +207,5 @@ def result_json(cp: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     try:
         return json.loads(cp.stdout)  # type: ignore[no-any-return]
     except json.JSONDecodeError:
-        raise AssertionError(f"not JSON (exit {cp.returncode}):\n{cp.stdout}\n{cp.stderr}")
+        raise AssertionError(
+            f"not JSON (exit {cp.returncode}):\n{cp.stdout}\n{cp.stderr}") from None

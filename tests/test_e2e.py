@@ -59,7 +59,8 @@ def test_hello_runs_across_two_workers_and_every_record_is_in_the_db(cluster: Cl
     assert cluster.query("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
 
 
-def test_symbols_are_routed_only_to_workers_with_their_backend_powershell_via_standin_pwsh(cluster: Cluster) -> None:
+def test_symbols_are_routed_only_to_workers_with_their_backend_powershell_via_standin_pwsh(
+        cluster: Cluster) -> None:
     php = find_php()
     rust = build_rust_injector()
     pwsh = fake_pwsh_path()
@@ -334,3 +335,46 @@ def test_bin_swarm_works_from_a_checkout(tmp_path: Path) -> None:
     assert cp.returncode == 0, cp.stderr
     plan = json.loads(cp.stdout)
     assert plan["critical_path"] == ["initialize", "process_data", "finalize"]
+
+
+def test_bad_frames_close_only_their_own_connection_while_a_run_goes_on(
+        cluster: Cluster, tmp_path: Path) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from swarm import protocol as p
+
+    cluster.start_dispatcher()
+    cluster.start_worker("w1")
+    m = manifest(tmp_path, """
+        name: steady
+        version: "1"
+        symbols:
+          - {name: a, type: action, parameters: {handler: delay, ms: 300}}
+          - {name: b, type: action, dependencies: [a], parameters: {handler: delay, ms: 300}}
+    """)
+    run_id = cluster.cli("deploy", str(m), str(cluster.config_path), "--url", cluster.url,
+                         "--detach").stdout.strip()
+
+    def closed_with(payload: bytes | str, hello_first: bool = False) -> int:
+        with connect(cluster.url, max_size=None, compression=None) as ws:
+            assert isinstance(p.decode(ws.recv(timeout=5)), p.Challenge)
+            if hello_first:
+                ws.send(p.encode(p.Hello(role="client", name="rogue")))
+                ws.recv(timeout=5)
+            ws.send(payload)
+            with pytest.raises(ConnectionClosed) as e:
+                while True:
+                    ws.recv(timeout=5)
+            assert e.value.rcvd is not None
+            return e.value.rcvd.code
+
+    assert closed_with(b"\xc1 not msgpack") == p.CLOSE_INVALID_DATA
+    assert closed_with(p.encode(p.Heartbeat(free=1))) == p.CLOSE_POLICY  # hello must be first
+    assert closed_with("text frame") == p.CLOSE_INVALID_DATA
+    assert closed_with(b"\x00" * (2 << 20)) == p.CLOSE_TOO_BIG
+    assert closed_with(p.encode(p.Results(items=())), hello_first=True) == p.CLOSE_POLICY
+    wait_for(lambda: cluster.tasks(run_id).get("b", {}).get("state") == "completed",
+             what="the run to finish despite the rogue connections")
+    cp = cluster.cli("status", "--url", cluster.url, "--json")
+    assert cp.returncode == 0 and json.loads(cp.stdout)["nodes"][0]["name"] == "w1"
