@@ -24,7 +24,7 @@ from . import __version__
 from . import core as c
 from . import protocol as p
 from .config import Config
-from .errors import ManifestError, RemoteProtocolError, SwarmError
+from .errors import ConfigError, ManifestError, RemoteProtocolError, SwarmError
 from .manifest import workflow_from_dict
 from .state import Store
 
@@ -123,13 +123,24 @@ class Dispatcher:
         self.store = await Store.open(self.db_path, self.config.dispatcher.synchronous)
         first = await self.store.max_token() + 1
         self.core = c.Scheduler(scheduler_config(self.config, first))
-        self._server = await serve(
-            self._serve, self.host, self.port,
-            compression=None,
-            max_size=self.config.dispatcher.max_frame_size,
-            ping_interval=None,  # liveness is our own heartbeat, judged by the core
-            server_header=f"swarm/{__version__}",
-        )
+        try:
+            self._server = await serve(
+                self._serve, self.host, self.port,
+                compression=None,
+                max_size=self.config.dispatcher.max_frame_size,
+                ping_interval=None,  # liveness is our own heartbeat, judged by the core
+                server_header=f"swarm/{__version__}",
+            )
+        except OSError as e:
+            await self.store.close()
+            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}"
+                              ) from None
+        unfinished = [r for r in await self.store.runs(1000) if r["status"] in
+                      ("running", "rolling_back")]
+        if unfinished:
+            log.warning("%d runs were unfinished when the last dispatcher stopped (%s); "
+                        "resuming them is not supported yet", len(unfinished),
+                        ", ".join(r["run_id"] for r in unfinished[:5]))
         sock = self._server.sockets[0] if self._server.sockets else None
         if sock is not None:
             self.port = sock.getsockname()[1]
@@ -288,7 +299,8 @@ class Dispatcher:
         if hello.slots < 1:
             await ws.close(p.CLOSE_POLICY, "a worker needs at least one slot")
             return
-        node_id = f"{hello.name}#{next(self._ids)}"
+        # Unique across dispatcher restarts too: node rows are never overwritten.
+        node_id = f"{hello.name}#{next(self._ids)}.{secrets.token_hex(3)}"
         peer = _Peer(ws, "worker", hello.name, node_id)
         self._workers[node_id] = peer
         peer.send(p.Welcome(node_id=node_id, version=__version__,

@@ -99,4 +99,4 @@ class BackendError(SwarmError):
 
 
 class StateError(SwarmError):
-    pass
+    exit_code = 2  # a --db / state_db_path that is not a swarm database is bad input

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -46,6 +47,12 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def swarm_argv(*args: str) -> list[str]:
@@ -109,11 +116,11 @@ class Cluster:
         self.procs[key] = proc
         return proc
 
-    def start_dispatcher(self, extra_env: dict[str, str] | None = None) -> str:
+    def start_dispatcher(self, extra_env: dict[str, str] | None = None, port: int = 0) -> str:
         ready = self.root / "dispatcher.url"
         ready.unlink(missing_ok=True)
         proc = self._spawn("dispatcher", swarm_argv(
-            "start-dispatcher", str(self.config_path), "--port", "0", "--db", str(self.db),
+            "start-dispatcher", str(self.config_path), "--port", str(port), "--db", str(self.db),
             "--ready-file", str(ready), "--log-level", "debug"), extra_env)
 
         def up() -> str:

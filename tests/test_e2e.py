@@ -378,3 +378,23 @@ def test_bad_frames_close_only_their_own_connection_while_a_run_goes_on(
              what="the run to finish despite the rogue connections")
     cp = cluster.cli("status", "--url", cluster.url, "--json")
     assert cp.returncode == 0 and json.loads(cp.stdout)["nodes"][0]["name"] == "w1"
+
+
+def test_workers_reconnect_by_themselves_when_the_dispatcher_comes_back(
+        cluster: Cluster, tmp_path: Path) -> None:
+    from e2e_support import free_port
+
+    port = free_port()
+    cluster.start_dispatcher(port=port)
+    w1 = cluster.start_worker("w1")
+    assert cluster.stop("dispatcher") == 0
+    wait_for(lambda: "lost; reconnecting" in cluster.log("w1") or "cannot reach" in
+             cluster.log("w1"), what="the worker to notice")
+    cluster.start_dispatcher(port=port)
+    wait_for(lambda: len(cluster.query(
+        "SELECT 1 FROM nodes WHERE name = 'w1' AND status = 'connected'")) >= 1,
+        what="w1 to reconnect")
+    assert w1.poll() is None
+    cp = cluster.deploy(REPO / "examples" / "hello.yaml")
+    assert cp.returncode == 0, cp.stderr
+    assert {t["node"] for t in result_json(cp)["tasks"]} == {"w1"}
