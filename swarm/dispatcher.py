@@ -233,6 +233,7 @@ class Dispatcher:
     async def _tick_loop(self) -> None:
         assert self.core is not None
         while True:
+            self.core.forget_finished()  # finished runs live on in the state DB only
             deadline = self.core.next_deadline()
             wait = TICK_MAX if deadline is None else min(TICK_MAX, deadline - time.time())
             self._rearm.clear()

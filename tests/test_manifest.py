@@ -929,3 +929,21 @@ def test_a_yaml_version_keeps_the_digits_as_written() -> None:
     assert parse_manifest(text.format("1.10"), "wf.yaml", "yaml").version == "1.10"
     assert parse_manifest(text.format("2"), "wf.yaml", "yaml").version == "2"
     assert parse_manifest(text.format("'1.2.3'"), "wf.yaml", "yaml").version == "1.2.3"
+
+
+@pytest.mark.parametrize("text", ["name: <<\n", "name: [<<]\n", "<<\n"])
+def test_a_merge_key_anywhere_but_a_key_is_refused_as_pyyaml_does(text: str) -> None:
+    with pytest.raises(yaml.YAMLError):
+        yaml.safe_load(text)
+    (p,) = yaml_problems(text)
+    assert p.line == 1 and "'<<'" in p.message
+
+
+def test_tuples_from_python_callers_count_as_lists() -> None:
+    doc = document(
+        {"name": "a", "type": "action", "resources": ("db",)},
+        {"name": "b", "type": "action", "dependencies": ("a",), "parameters": {"p": (1, 2)}},
+    )
+    doc["symbols"] = tuple(doc["symbols"])
+    w = workflow_from_dict(doc)
+    assert w.symbols[0].resources == ("db",) and w.symbols[1].dependencies == ("a",)
