@@ -27,7 +27,10 @@ MAX_ROWS = 200
 
 
 def console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    out = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    if not out.is_terminal:  # logs and pipes: wide rows rather than wrapped cells
+        out = Console(stderr=stderr, highlight=False, soft_wrap=False, width=160)
+    return out
 
 
 def _box(out: Console) -> box.Box:

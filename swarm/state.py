@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS runs (
     manifest_hash TEXT NOT NULL, manifest TEXT NOT NULL, on_failure TEXT NOT NULL,
     mode TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL);
 CREATE TABLE IF NOT EXISTS tasks (
+    -- node: where the latest attempt ran or runs (every attempt is in `attempts`)
     task_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, symbol TEXT NOT NULL, kind TEXT NOT NULL,
     parent TEXT, dispatch TEXT NOT NULL, position INTEGER NOT NULL, state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, losses INTEGER NOT NULL DEFAULT 0, node TEXT,
@@ -108,7 +109,7 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.insert(_INSERT_TASK, (tid, e.run_id, e.symbol, "rollback", d["parent"],
                                 spec["dispatch"], -1, "pending"))
     elif k == "symbol.queued":
-        b.update("tasks", tid, state="ready", node=None)
+        b.update("tasks", tid, state="ready")
     elif k == "symbol.started":
         cols: dict[str, Any] = {"state": "running", "attempts": e.attempt, "node": e.node,
                                 "token": d["token"], "due_at": None}
@@ -128,7 +129,7 @@ def _apply(b: _Batch, e: Journal) -> None:
                  truncated=int(d["stdout_truncated"] or d["stderr_truncated"]))
     elif k == "attempt.lost":
         b.update("attempts", d["token"], finished_at=e.ts, outcome="lost", error=d["reason"])
-        b.update("tasks", tid, losses=d["losses"], node=None)
+        b.update("tasks", tid, losses=d["losses"])
     elif k == "symbol.completed":
         b.update("tasks", tid, state="completed", finished_at=e.ts, result=_json(d["output"]),
                  error=None)
@@ -137,9 +138,9 @@ def _apply(b: _Batch, e: Journal) -> None:
                      " completed_at) VALUES (?, ?, ?, ?, ?)",
                      (e.run_id, e.symbol, _json(d["rollback"]), d.get("position", 0), e.ts))
     elif k == "symbol.retrying":
-        b.update("tasks", tid, state="retrying", due_at=d["due"], error=d["error"], node=None)
+        b.update("tasks", tid, state="retrying", due_at=d["due"], error=d["error"])
     elif k == "symbol.failed":
-        b.update("tasks", tid, state="failed", finished_at=e.ts, error=d["error"], node=None)
+        b.update("tasks", tid, state="failed", finished_at=e.ts, error=d["error"])
     elif k == "symbol.skipped":
         b.update("tasks", tid, state="skipped", finished_at=e.ts, error=d["reason"])
     elif k == "symbol.rolled_back":
@@ -291,7 +292,7 @@ class Store:
         rows = await self._rows(
             "SELECT task_id, symbol, kind, parent, dispatch, state, attempts, losses, node,"
             " started_at, finished_at, result, error FROM tasks WHERE run_id = ?"
-            " ORDER BY kind DESC, position, rowid", (run_id,))
+            " ORDER BY kind, position, rowid", (run_id,))
         for r in rows:
             r["result"] = json.loads(r["result"]) if r["result"] is not None else None
         return rows
