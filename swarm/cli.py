@@ -224,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"run {run_id}: {workflow.name} {workflow.version}, "
                       f"{len(workflow.symbols)} symbols on {args.workers} local workers",
                       file=sys.stderr)
-            run = await c.wait(run_id, _follow(c, run_id, args.json))
+            run = await ls.wait(c, run_id, _follow(c, run_id, args.json))
             return _report(run, args.json)
 
     return _run(go())
@@ -258,7 +258,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise ConfigError(f"{out} exists; use --force to overwrite it")
-    out.write_text(text, encoding="utf-8")
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"wrote {out}", file=sys.stderr)
     return EXIT_OK
 

@@ -21,6 +21,7 @@ from . import protocol as p
 from .errors import (
     AuthenticationFailed,
     DispatcherUnreachable,
+    InputError,
     ManifestError,
     Problem,
     RemoteProtocolError,
@@ -63,8 +64,8 @@ class Client:
                                close_timeout=2)
         except (OSError, InvalidHandshake, TimeoutError) as e:
             raise DispatcherUnreachable(f"{unreachable}: {e or type(e).__name__}") from None
-        except InvalidURI as e:
-            raise DispatcherUnreachable(f"invalid dispatcher URL {self.url!r}: {e}") from None
+        except (InvalidURI, ValueError) as e:
+            raise InputError(f"invalid dispatcher URL {self.url!r}: {e}") from None
         try:
             challenge = p.decode(await asyncio.wait_for(ws.recv(), self.open_timeout))
             if not isinstance(challenge, p.Challenge):

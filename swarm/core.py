@@ -46,7 +46,8 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.READY: frozenset({TaskState.RUNNING, TaskState.SKIPPED}),
     TaskState.RUNNING: frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.RETRYING,
                                   TaskState.READY}),
-    TaskState.RETRYING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.FAILED}),
+    TaskState.RETRYING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.FAILED,
+                                   TaskState.RUNNING}),
     TaskState.COMPLETED: frozenset({TaskState.ROLLED_BACK}),
     TaskState.FAILED: frozenset(),
     TaskState.SKIPPED: frozenset(),
@@ -94,6 +95,7 @@ class NodeDisconnected:
 class NodeHeartbeat:
     node_id: str
     now: float
+    running: tuple[int, ...] | None = None  # the attempts the worker says it runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +187,7 @@ class SchedulerConfig:
 class _Task:
     __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                  "dependents", "deps", "node", "token", "due", "first_start", "key",
-                 "parent")
+                 "parent", "orphan")
 
     def __init__(self, run: _Run, name: str, kind: str, spec: Symbol | RollbackSpec,
                  parent: _Task | None = None) -> None:
@@ -206,6 +208,7 @@ class _Task:
         self.due = 0.0
         self.first_start: float | None = None
         self.key: tuple[Any, ...] = ()
+        self.orphan = 0  # token of an attempt whose worker was lost; its result is welcome
 
     @property
     def dispatch(self) -> str:
@@ -237,7 +240,7 @@ class _Run:
 
 class _Node:
     __slots__ = ("id", "name", "caps", "slots", "labels", "running", "last_seen", "draining",
-                 "seq")
+                 "seq", "suspect")
 
     def __init__(self, ev: NodeConnected, seq: int) -> None:
         self.id = ev.node_id
@@ -249,6 +252,7 @@ class _Node:
         self.last_seen = ev.now
         self.draining = False
         self.seq = seq
+        self.suspect: set[int] = set()  # missing from the last heartbeat's running list
 
     @property
     def free(self) -> int:
@@ -294,10 +298,8 @@ class Scheduler:
                 self._on_tick(now)
             case ResultsReceived():
                 self._on_results(event)
-            case NodeHeartbeat(node_id=nid, now=now):
-                node = self._nodes.get(nid)
-                if node is not None:
-                    node.last_seen = now
+            case NodeHeartbeat():
+                self._on_heartbeat(event)
             case NodeConnected():
                 self._on_connect(event)
             case NodeDisconnected(node_id=nid, now=now, graceful=graceful):
@@ -388,8 +390,11 @@ class Scheduler:
                 if t.state is TaskState.RUNNING:
                     assert t.node is not None and t.node.running.get(t.token) is t, t.id
                 if t.state in (TaskState.READY, TaskState.RUNNING, TaskState.COMPLETED):
-                    assert all(d.state in (TaskState.COMPLETED, TaskState.ROLLED_BACK)
-                               for d in t.deps), f"{t.id} started before its dependencies"
+                    # Rollbacks are best effort: a failed rollback does not hold back the next.
+                    done = (TaskState.COMPLETED, TaskState.ROLLED_BACK) + (
+                        (TaskState.FAILED,) if t.kind == "rollback" else ())
+                    assert all(d.state in done for d in t.deps), \
+                        f"{t.id} started before its dependencies"
             assert unfinished == run.unfinished, (run.id, unfinished, run.unfinished)
             if run.state in RUN_FINAL:
                 assert unfinished == 0, run.id
@@ -439,10 +444,12 @@ class Scheduler:
         for token in ev.running:
             task = self._by_token.get(token)
             # A reconnecting worker keeps an attempt only if nobody else took it over.
-            if (task is not None and task.token == token and task.state is TaskState.READY
+            if (task is not None and task.token == token and task.orphan == token
+                    and task.state in (TaskState.READY, TaskState.RETRYING)
                     and len(node.running) < node.slots):
                 self._set(task, TaskState.RUNNING)
                 task.node = node
+                task.orphan = 0
                 node.running[token] = task
                 self._journal("symbol.adopted", ev.now, task.run, task, node=node.name,
                               attempt=task.attempts)
@@ -459,27 +466,47 @@ class Scheduler:
                       data={"node_id": node.id, "reason": reason,
                             "running": len(node.running)})
         for task in list(node.running.values()):
-            del node.running[task.token]
-            task.node = None
-            run = task.run
-            if not graceful:
-                task.losses += 1
-            self._journal("attempt.lost", now, run, task, node=node.name, attempt=task.attempts,
-                          data={"reason": reason, "losses": task.losses, "token": task.token})
-            if task.losses >= self.config.max_worker_losses:
-                self._set(task, TaskState.FAILED)
-                self._journal("symbol.failed", now, run, task, attempt=task.attempts,
-                              data={"error": f"worker lost {task.losses} times"})
-                self._failed_for_good(task, now)
-            elif run.halted and task.kind == "main":
-                self._set(task, TaskState.FAILED)
-                self._journal("symbol.failed", now, run, task, attempt=task.attempts,
-                              data={"error": "worker lost while the run was halting"})
-                self._failed_for_good(task, now)
-            else:
-                self._set(task, TaskState.READY)
-                self._push_ready(task, now, reason="worker lost")
-            self._check_run(run, now)
+            self._lose(task, node, now, reason, graceful)
+
+    def _lose(self, task: _Task, node: _Node, now: float, reason: str, graceful: bool) -> None:
+        """An attempt whose worker is gone (or forgot it): requeue it, or fail it for good."""
+        del node.running[task.token]
+        task.node = None
+        run = task.run
+        if not graceful:
+            task.losses += 1
+        self._journal("attempt.lost", now, run, task, node=node.name, attempt=task.attempts,
+                      data={"reason": reason, "losses": task.losses, "token": task.token})
+        if task.losses >= self.config.max_worker_losses:
+            self._set(task, TaskState.FAILED)
+            self._journal("symbol.failed", now, run, task, attempt=task.attempts,
+                          data={"error": f"worker lost {task.losses} times"})
+            self._failed_for_good(task, now)
+        elif run.halted and task.kind == "main":
+            self._set(task, TaskState.FAILED)
+            self._journal("symbol.failed", now, run, task, attempt=task.attempts,
+                          data={"error": "worker lost while the run was halting"})
+            self._failed_for_good(task, now)
+        else:
+            self._set(task, TaskState.READY)
+            task.orphan = task.token
+            self._push_ready(task, now, reason="worker lost")
+        self._check_run(run, now)
+
+    def _on_heartbeat(self, ev: NodeHeartbeat) -> None:
+        node = self._nodes.get(ev.node_id)
+        if node is None:
+            return
+        node.last_seen = ev.now
+        if ev.running is None:
+            return
+        # An attempt the worker no longer reports twice in a row is lost: its result will
+        # never come, and without this its slot would be held forever.
+        reported = set(ev.running)
+        missing = {t for t in node.running if t not in reported}
+        for token in missing & node.suspect:
+            self._lose(node.running[token], node, ev.now, "worker forgot the attempt", False)
+        node.suspect = missing - node.suspect
 
     def _on_tick(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now:
@@ -500,6 +527,8 @@ class Scheduler:
         for r in ev.results:
             acks.append(r.token)
             task = node.running.pop(r.token, None) if node is not None else None
+            if task is None and node is not None:
+                task = self._orphan_result(r.token)
             if task is None:
                 # Stale (fenced off), duplicate, or not this node's: acknowledged, dropped.
                 known = self._by_token.get(r.token)
@@ -511,10 +540,22 @@ class Scheduler:
             self._finish_attempt(task, r, node.name, ev.now)  # type: ignore[union-attr]
         self._out.append(Ack(ev.node_id, tuple(acks)))
 
+    def _orphan_result(self, token: int) -> _Task | None:
+        """The result of an attempt whose worker was lost (or a dispatcher that restarted)
+        and that nobody else has taken over yet: the work is done, so it counts."""
+        task = self._by_token.get(token)
+        if (task is None or task.orphan != token or task.token != token
+                or task.state not in (TaskState.READY, TaskState.RETRYING)):
+            return None
+        self._set(task, TaskState.RUNNING)
+        task.orphan = 0
+        return task
+
     # --- task lifecycle ---------------------------------------------------------------
 
     def _finish_attempt(self, task: _Task, r: TaskResult, node: str, now: float) -> None:
         run = task.run
+        self._by_token.pop(r.token, None)  # a duplicate of this result is dropped
         self._journal("attempt.finished", now, run, task, node=node, attempt=task.attempts, data={
             "token": r.token, "ok": r.ok, "output": r.output, "error": r.error,
             "exit_code": r.exit_code, "timed_out": r.timed_out, "duration_ms": r.duration_ms,

@@ -72,8 +72,9 @@ class _Peer:
         self.queue.put_nowait(p.encode(msg))
 
     def publish(self, msg: p.Event) -> None:
-        """Events never block dispatch: past the bound they are counted, not queued."""
-        if self.queue.qsize() >= CLIENT_QUEUE:
+        """Events never block dispatch: past the bound they are counted, not queued (but a
+        run's own start and end always get through: followers wait for them)."""
+        if self.queue.qsize() >= CLIENT_QUEUE and not msg.kind.startswith("run."):
             self.missed += 1
             return
         if self.missed:
@@ -322,7 +323,7 @@ class Dispatcher:
                 if isinstance(msg, p.Results):
                     self._feed(c.ResultsReceived(node_id, msg.items, now))
                 elif isinstance(msg, p.Heartbeat):
-                    self._feed(c.NodeHeartbeat(node_id, now))
+                    self._feed(c.NodeHeartbeat(node_id, now, msg.running))
                 elif isinstance(msg, p.Draining):
                     peer.draining = True
                     self._feed(c.NodeDraining(node_id, now))
@@ -427,7 +428,12 @@ async def serve_forever(config: Config, *, host: str | None = None, port: int | 
     d = Dispatcher(config, host=host, port=port, db_path=db_path)
     await d.start()
     if ready_file:
-        Path(ready_file).write_text(d.url + "\n")
+        try:
+            Path(ready_file).write_text(d.url + "\n")
+        except OSError as e:
+            await d.stop()
+            raise ConfigError(f"cannot write --ready-file {ready_file}: {e.strerror or e}"
+                              ) from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, d.stopped.set)

@@ -18,11 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 from .client import Client
 from .config import Config
 from .dispatcher import Dispatcher
-from .errors import SwarmError
+from .errors import StateError, SwarmError
+from .protocol import Event
 
 log = logging.getLogger("swarm.local")
 
@@ -45,6 +48,19 @@ class LocalSwarm:
     def url(self) -> str:
         assert self.dispatcher is not None
         return self.dispatcher.url
+
+    async def wait(self, client: Client, run_id: str,
+                   on_event: Callable[[Event], None] | None = None) -> dict[str, Any]:
+        """Follow a run to its end, unless the in-process dispatcher dies first."""
+        assert self.dispatcher is not None
+        follow = asyncio.ensure_future(client.wait(run_id, on_event))
+        died = asyncio.ensure_future(self.dispatcher.stopped.wait())
+        await asyncio.wait({follow, died}, return_when=asyncio.FIRST_COMPLETED)
+        died.cancel()
+        if not follow.done():
+            follow.cancel()
+            raise StateError(f"the dispatcher stopped: {self.dispatcher.failed}")
+        return follow.result()
 
     def client(self) -> Client:
         return Client(self.url, token=self.config.security.token, name="swarm-run")

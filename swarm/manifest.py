@@ -554,7 +554,8 @@ class _Checker:
 
     def parameters(self, at: _At) -> dict[str, Any]:
         params = self.mapping(at, "parameters")
-        if all(type(v) in _SCALARS for v in params.values()):
+        if all(type(v) in _SCALARS and (type(v) is not int or _INT_MIN <= v <= _INT_MAX)
+               for v in params.values()):
             return params  # the usual flat parameters: nothing to walk
         found = _not_json(params, at.prefix + "parameters")
         if found is not None:
@@ -673,6 +674,9 @@ def _by_position(entry: dict[Any, Any]) -> Callable[[Problem], int]:
     return lambda p: position.get((p.field or "").split(".")[0], -1)
 
 
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1  # what msgpack peers and SQLite carry
+
+
 def _not_json(root: dict[str, Any], path: str) -> tuple[str, object, object, str] | None:
     """The first value that JSON and msgpack cannot carry as-is: (path, container, key, why).
 
@@ -685,6 +689,9 @@ def _not_json(root: dict[str, Any], path: str) -> tuple[str, object, object, str
     while stack:
         container, children, where = stack[-1]
         for key, child in children:
+            if isinstance(child, int) and not _INT_MIN <= child <= _INT_MAX:
+                here = f"{where}.{key}" if isinstance(container, dict) else f"{where}[{key}]"
+                return here, container, key, "integer out of the 64-bit range (quote it)"
             if child is None or isinstance(child, (str, int, float)):
                 continue
             here = f"{where}.{key}" if isinstance(container, dict) else f"{where}[{key}]"

@@ -221,6 +221,31 @@ def encode(msg: Message) -> bytes:
 # --- decoding -------------------------------------------------------------------------
 
 Check = typing.Callable[[Any, str], Any]
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # what SQLite and every peer can hold
+MAX_DEPTH = 64
+
+
+def _data(v: Any, w: str, depth: int = 0) -> Any:
+    """Free-form data (parameters, outputs): JSON-like, str keys, 64-bit ints, bounded depth."""
+    if v is None or isinstance(v, (bool, float, str, bytes)):
+        return v
+    if isinstance(v, int):
+        if not INT_MIN <= v <= INT_MAX:
+            _fail(w, "a 64-bit integer", v)
+        return v
+    if depth >= MAX_DEPTH:
+        raise RemoteProtocolError(f"field '{w}': nested deeper than {MAX_DEPTH}")
+    if isinstance(v, list):
+        for x in v:
+            _data(x, w, depth + 1)
+        return v
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                _fail(w, "string map keys", k)
+            _data(x, w, depth + 1)
+        return v
+    _fail(w, "plain data", v)
 
 
 def _fail(where: str, expected: str, value: Any) -> typing.NoReturn:
@@ -231,7 +256,7 @@ def _checker(tp: Any) -> Check:
     """Build a validator/converter for one annotated type (done once per class)."""
     origin = typing.get_origin(tp)
     if tp is Any:
-        return lambda v, w: v
+        return _data
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         inner = [_checker(a) for a in args if a is not type(None)]
@@ -257,9 +282,10 @@ def _checker(tp: Any) -> Check:
         def mapping(v: Any, w: str) -> Any:
             if not isinstance(v, dict):
                 _fail(w, "a map", v)
-            if vtype is not Any:
-                return {k: vcheck(x, f"{w}.{k}") for k, x in v.items()}
-            return v
+            for k in v:
+                if not isinstance(k, str):
+                    _fail(w, "string map keys", k)
+            return {k: vcheck(x, f"{w}.{k}") for k, x in v.items()}
 
         return mapping
     if tp in (TaskAssignment, TaskResult):
@@ -276,8 +302,8 @@ def _checker(tp: Any) -> Check:
     def exact(v: Any, w: str) -> Any:
         if type(v) is not tp:
             _fail(w, tp.__name__, v)
-        if tp is str and len(v) > (1 << 20):
-            _fail(w, "a shorter string", v)
+        if tp is int and not INT_MIN <= v <= INT_MAX:
+            _fail(w, "a 64-bit integer", v)
         return v
 
     return exact
@@ -354,6 +380,7 @@ def _check_request(req: Request) -> None:
         tp = schema[key][0]
         if type(value) is not tp:
             _fail(f"args.{key}", tp.__name__, value)
+        _data(value, f"args.{key}")
     for key, (_, required) in schema.items():
         if required and key not in req.args:
             raise RemoteProtocolError(f"request '{req.op}' lacks argument '{key}'")

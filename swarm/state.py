@@ -175,11 +175,11 @@ class Store:
     @classmethod
     async def open(cls, path: str | os.PathLike[str], synchronous: str = "FULL") -> Store:
         p = str(path)
-        if p != ":memory:":
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if p != ":memory:":
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(p, isolation_level=None)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise StateError(f"{p}: cannot open state database: {e}") from None
         db.row_factory = sqlite3.Row
         store = cls(db, p)

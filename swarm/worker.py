@@ -19,11 +19,12 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.uri import parse_uri
 
 from . import protocol as p
 from .backends import Backends, Invocation, Outcome
 from .config import Config
-from .errors import AuthenticationFailed, RemoteProtocolError
+from .errors import AuthenticationFailed, ConfigError, ProtocolError, RemoteProtocolError
 
 log = logging.getLogger("swarm.worker")
 
@@ -49,12 +50,33 @@ def _fit(result: p.TaskResult, budget: int) -> p.TaskResult:
         or len(stderr) < len(result.stderr))
 
 
+def _sendable(result: p.TaskResult) -> p.TaskResult:
+    """A result the dispatcher will accept: trimmed to the frame budget, and replaced by a
+    failure if the backend's output cannot cross the wire (huge ints, non-string keys)."""
+    try:
+        fitted = _fit(result, RESULT_FRAME_BUDGET)
+        p.decode(p.encode(p.Results((fitted,))))
+        return fitted
+    except ProtocolError as e:
+        return p.TaskResult(
+            token=result.token, task_id=result.task_id, ok=False, output=None,
+            error=f"the backend's output cannot be sent to the dispatcher: {e}",
+            exit_code=result.exit_code if result.exit_code is None
+            or p.INT_MIN <= result.exit_code <= p.INT_MAX else None,
+            retryable=False, duration_ms=result.duration_ms,
+            stderr=result.stderr[-STDERR_TAIL:])
+
+
 class Worker:
     def __init__(self, config: Config, *, name: str | None = None, url: str | None = None,
                  slots: int | None = None) -> None:
         self.config = config
         self.name = name or config.worker.name
         self.url = url or config.worker_url
+        try:
+            parse_uri(self.url)
+        except (InvalidURI, ValueError) as e:
+            raise ConfigError(f"invalid dispatcher URL {self.url!r}: {e}") from None
         self.slots = slots or config.worker.max_concurrent_tasks
         self.backends = Backends.from_config(config)
         self.node_id = ""
@@ -222,12 +244,12 @@ class Worker:
             log.exception("worker %s: backend %s crashed", self.name, inv.dispatch)
             outcome = Outcome(ok=False, output=None, error=f"{type(e).__name__}: {e}")
         self._running.pop(token, None)
-        result = _fit(p.TaskResult(
+        result = _sendable(p.TaskResult(
             token=token, task_id=inv.task_id, ok=outcome.ok, output=outcome.output,
             error=outcome.error, exit_code=outcome.exit_code, retryable=outcome.retryable,
             timed_out=outcome.timed_out, duration_ms=outcome.duration_ms,
             stderr=outcome.stderr, stdout_truncated=outcome.stdout_truncated,
-            stderr_truncated=outcome.stderr_truncated), RESULT_FRAME_BUDGET)
+            stderr_truncated=outcome.stderr_truncated))
         self.completed += 1
         self._unacked[token] = result
         self._outbox.append(result)

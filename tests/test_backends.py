@@ -608,3 +608,21 @@ async def test_internal_entry_points_load_and_broken_ones_are_skipped(
 def test_outcome_and_invocation_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         make_inv().attempt = 3  # type: ignore[misc]
+
+
+async def test_sync_handlers_run_on_daemon_threads_so_a_stuck_one_cannot_block_exit() -> None:
+    import threading
+
+    from swarm.backends.internal import _in_daemon_thread
+
+    release = threading.Event()
+
+    def stuck() -> str:
+        release.wait(30)
+        return "done"
+
+    fut = _in_daemon_thread(stuck)
+    (thread,) = [t for t in threading.enumerate() if t.name == "handler-stuck"]
+    assert thread.daemon
+    release.set()
+    assert await fut == "done"

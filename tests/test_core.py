@@ -432,3 +432,59 @@ def test_event_sequence_of_a_two_symbol_run() -> None:
         "symbol.completed", "symbol.queued", "symbol.started", "attempt.finished",
         "symbol.completed", "run.completed",
     ]
+
+
+def test_result_of_a_lost_attempt_counts_if_nobody_took_it_over() -> None:
+    h = Harness()
+    h.submit(wf(sym("a"), sym("b", "a")))
+    h.node("w")
+    (t,) = h.take("w")
+    h.feed(c.NodeDisconnected("w", h.now))  # the connection dropped as the work finished
+    assert h.state("a") == "ready"
+    h.node("w2", caps=("php_engine",))  # present, but cannot take `a`
+    h.feed(c.NodeConnected("w-again", "w", ("internal",), 0, h.now))  # no free slot
+    h.result("w-again", t)  # the re-sent result, through the new session
+    assert h.state("a") == "completed"
+    assert len(h.kinds("symbol.completed")) == 1
+    assert [j.attempt for j in h.journal if j.kind == "symbol.started"] == [1]
+
+
+def test_a_duplicate_failure_result_schedules_one_retry() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a", retries=3)))
+    (t,) = h.take("w")
+    h.result("w", t, ok=False)
+    h.result("w", t, ok=False)
+    assert len(h.kinds("symbol.retrying")) == 1
+    assert len(h.kinds("result.dropped")) == 1
+
+
+def test_an_attempt_missing_from_two_heartbeats_is_lost() -> None:
+    h = Harness()
+    h.node("w", slots=2)
+    h.submit(wf(sym("a"), sym("b")))
+    ta, tb = h.take("w")
+    h.feed(c.NodeHeartbeat("w", h.now, running=(tb.token,)))
+    assert h.state(ta.symbol) == "running"  # once may be a result in flight
+    assert not h.kinds("attempt.lost")
+    h.feed(c.NodeHeartbeat("w", h.now, running=(tb.token,)))
+    assert [j.data["reason"] for j in h.journal if j.kind == "attempt.lost"] == [
+        "worker forgot the attempt"]
+    (again,) = h.take("w")  # the freed slot takes the requeued symbol again
+    assert again.symbol == ta.symbol and again.attempt == 2
+
+
+def test_later_rollbacks_still_run_after_one_fails() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a", rollback=True), sym("b", "a", rollback=True),
+                sym("c", "b", retries=0)))
+    h.run_one("w")
+    h.run_one("w")
+    h.run_one("w", ok=False)
+    (t,) = h.take("w")
+    assert t.symbol == "undo_b"
+    h.result("w", t, ok=False, retryable=False)
+    assert h.run_one("w") == "undo_a"
+    assert h.s.run_state("r1") == c.RunState.FAILED

@@ -55,10 +55,38 @@ def frame(d: object) -> bytes:
     (frame({"t": "request", "id": 1, "op": "run", "args": {"run_id": 3}}), "expected str"),
     (frame({1: 2}), "undecodable"),
     (msgpack.packb(msgpack.ExtType(1, b"x")), "ext types are not allowed"),
+    (frame({"t": "hello", "role": "worker", "name": "w", "labels": {b"k": "v"}}),
+     "string map keys"),
+    (frame({"t": "results", "items": [{"token": 1, "task_id": "x", "ok": True,
+                                       "output": {b"k": 1}}]}), "string map keys"),
+    (frame({"t": "results", "items": [{"token": 1, "task_id": "x", "ok": True,
+                                       "exit_code": 2**64 - 1}]}), "64-bit integer"),
+    (frame({"t": "event", "kind": "k", "ts": 1.0, "data": {"x": [[[[1]]]] * 1}}), None),
 ])
-def test_malformed_frames_raise_remote_protocol_error(raw: bytes, why: str) -> None:
+def test_malformed_frames_raise_remote_protocol_error(raw: bytes, why: str | None) -> None:
+    if why is None:  # the control case: well-formed, so it decodes
+        p.decode(raw)
+        return
     with pytest.raises(RemoteProtocolError, match=why):
         p.decode(raw)
+
+
+def test_deeply_nested_data_is_refused_not_recursed_into() -> None:
+    deep: object = 1
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(RemoteProtocolError, match="nested deeper"):
+        p.decode(frame({"t": "event", "kind": "k", "ts": 1.0, "data": {"x": deep}}))
+
+
+def test_worker_turns_an_unsendable_output_into_a_failure() -> None:
+    from swarm.worker import _sendable
+
+    for output in ({"n": 2**70}, {1: "non-string key"}):
+        r = _sendable(p.TaskResult(token=1, task_id="t", ok=True, output=output))
+        assert not r.ok and not r.retryable and "cannot be sent" in r.error
+    big = _sendable(p.TaskResult(token=1, task_id="t", ok=True, output="x" * (3 << 20)))
+    assert big.ok and big.stdout_truncated and len(p.encode(p.Results((big,)))) < (1 << 20)
 
 
 def test_text_frames_and_oversized_frames_are_refused() -> None:

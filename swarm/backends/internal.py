@@ -13,11 +13,13 @@ handler that ignores time keeps its thread until it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import importlib.metadata
 import inspect
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -127,10 +129,35 @@ async def _call(fn: Handler, params: dict[str, Any], inv: Invocation) -> Any:
         getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
     ):
         return await fn(params, inv)
-    result = await asyncio.to_thread(fn, params, inv)
+    result = await _in_daemon_thread(fn, params, inv)
     if inspect.isawaitable(result):  # e.g. a lambda or partial returning a coroutine
         result = await result
     return result
+
+
+def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """Run a sync handler on a daemon thread. Unlike asyncio.to_thread, a handler that
+    never returns cannot keep the worker process alive after it was told to stop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def target() -> None:
+        try:
+            value = fn(*args)
+        except BaseException as e:  # delivered to the awaiting coroutine
+            ok, value = False, e
+        else:
+            ok = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=target, name=f"handler-{getattr(fn, '__name__', 'fn')}",
+                     daemon=True).start()
+    return fut
 
 
 # --- built-ins --------------------------------------------------------------------------
