@@ -55,7 +55,7 @@ CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'the event journal is append-only'); END;
 CREATE TABLE IF NOT EXISTS rollbacks (
-    run_id TEXT NOT NULL, symbol TEXT NOT NULL, spec TEXT NOT NULL, position INTEGER NOT NULL,
+    run_id TEXT NOT NULL, symbol TEXT NOT NULL, spec TEXT NOT NULL,
     completed_at REAL NOT NULL, rolled_back_at REAL, PRIMARY KEY (run_id, symbol));
 """
 
@@ -134,9 +134,8 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.update("tasks", tid, state="completed", finished_at=e.ts, result=_json(d["output"]),
                  error=None)
         if "rollback" in d:
-            b.insert("INSERT OR REPLACE INTO rollbacks (run_id, symbol, spec, position,"
-                     " completed_at) VALUES (?, ?, ?, ?, ?)",
-                     (e.run_id, e.symbol, _json(d["rollback"]), d.get("position", 0), e.ts))
+            b.insert("INSERT OR REPLACE INTO rollbacks (run_id, symbol, spec, completed_at)"
+                     " VALUES (?, ?, ?, ?)", (e.run_id, e.symbol, _json(d["rollback"]), e.ts))
     elif k == "symbol.retrying":
         b.update("tasks", tid, state="retrying", due_at=d["due"], error=d["error"])
     elif k == "symbol.failed":
