@@ -19,8 +19,9 @@ from typing import Any
 
 from . import __version__
 from .config import Config, default_config_text, load_config
-from .errors import ConfigError, InputError, SwarmError
+from .errors import ConfigError, ConnectionFailed, InputError, SwarmError
 from .model import Workflow
+from .protocol import to_dict
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 RUN_EXIT = {"completed": EXIT_OK}
@@ -52,11 +53,29 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--slots", type=int, help="symbols run at once (max_concurrent_tasks)")
 
     sp = cmd("deploy", "submit a manifest to the running dispatcher and follow the run")
-    sp.add_argument("manifest")
+    sp.add_argument("manifest", nargs="?", help="the workflow (optional with --resume)")
     sp.add_argument("config", nargs="?")
+    sp.add_argument("--config", dest="config_flag", help="config file (same as CONFIG)")
     sp.add_argument("--url", help="dispatcher URL (default SWARM_URL or coordinator_endpoint)")
     sp.add_argument("--json", action="store_true", help="print the result as JSON")
     sp.add_argument("--detach", action="store_true", help="print the run id and return")
+    sp.add_argument("--new", action="store_true",
+                    help="start a new run even if the same manifest is running already")
+    sp.add_argument("--resume", metavar="RUN_ID",
+                    help="re-run only what did not complete in a failed or cancelled run")
+
+    sp = cmd("rollback", "run the rollbacks of a finished run's completed symbols")
+    sp.add_argument("run_id")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--url")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--detach", action="store_true")
+
+    sp = cmd("watch", "follow one run (or every run) live")
+    sp.add_argument("run_id", nargs="?")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--url")
+    sp.add_argument("--json", action="store_true", help="one JSON object per event")
 
     sp = cmd("status", "show nodes, tasks and runs of the running dispatcher")
     sp.add_argument("config", nargs="?")
@@ -139,17 +158,31 @@ def cmd_start_worker(args: argparse.Namespace) -> int:
 # --- clients --------------------------------------------------------------------------
 
 
-def _follow(client: Any, run_id: str, as_json: bool) -> Callable[[Any], None]:
+def _follow(run_id: str | None, as_json: bool, every: bool = False) -> Callable[[Any], None]:
+    """Print a run's events as they come: notable ones (or `every` one) for humans on
+    stderr, or every one as a JSON line on stdout."""
     from .console import event_line
 
     def on_event(ev: Any) -> None:
-        if ev.run_id != run_id or as_json:
+        if run_id is not None and ev.run_id != run_id:
             return
-        line = event_line(ev)
+        if as_json:
+            if every:
+                print(json.dumps(to_dict(ev), default=str), flush=True)
+            return
+        line = event_line(ev, every)
         if line:
-            print(line, file=sys.stderr, flush=True)
+            print(line, file=sys.stderr if not every else sys.stdout, flush=True)
 
     return on_event
+
+
+def _lost(run_id: str) -> Callable[[ConnectionFailed], ConnectionFailed]:
+    def wrap(e: ConnectionFailed) -> ConnectionFailed:
+        err = type(e)(f"{e}; run {run_id} goes on: `swarm watch {run_id}` follows it again")
+        return err
+
+    return wrap
 
 
 def _report(run: dict[str, Any], as_json: bool) -> int:
@@ -166,21 +199,77 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from .client import Client
     from .manifest import load_manifest
 
-    cfg = _config(args.config)
-    workflow = load_manifest(args.manifest)  # validated here first: nothing half-sent
+    cfg = _config(args.config_flag or args.config)
+    if args.manifest is None and args.resume is None:
+        raise InputError("deploy needs a MANIFEST (or --resume RUN_ID)")
+    # Validated here first: a bad manifest is never half-sent.
+    workflow = load_manifest(args.manifest) if args.manifest else None
     url = args.url or cfg.client_url
 
     async def go() -> int:
         async with Client(url, token=cfg.security.token, name="swarm-deploy") as c:
-            run_id = await c.deploy(workflow, follow=not args.detach)
+            sub = await c.submit(workflow, follow=not args.detach, new=args.new,
+                                 resume=args.resume)
+            run_id = str(sub["run_id"])
             if args.detach:
-                print(json.dumps({"run_id": run_id}) if args.json else run_id)
+                print(json.dumps(sub) if args.json else run_id)
                 return EXIT_OK
             if not args.json:
-                print(f"run {run_id}: {workflow.name} {workflow.version}, "
-                      f"{len(workflow.symbols)} symbols", file=sys.stderr)
-            run = await c.wait(run_id, _follow(c, run_id, args.json))
+                what = (f"attached to run {run_id}, which runs the same manifest already "
+                        "(--new starts another)" if sub.get("attached") else f"run {run_id}")
+                if args.resume:
+                    what += f", resuming {args.resume} ({sub.get('reused', 0)} symbols done)"
+                print(what, file=sys.stderr)
+            try:
+                run = await c.wait(run_id, _follow(run_id, args.json))
+            except ConnectionFailed as e:
+                raise _lost(run_id)(e) from None
             return _report(run, args.json)
+
+    return _run(go())
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    cfg = _config(args.config)
+
+    async def go() -> int:
+        async with Client(args.url or cfg.client_url, token=cfg.security.token,
+                          name="swarm-rollback") as c:
+            await c.rollback(args.run_id, follow=not args.detach)
+            if args.detach:
+                print(args.run_id)
+                return EXIT_OK
+            try:
+                run = await c.wait(args.run_id, _follow(args.run_id, args.json))
+            except ConnectionFailed as e:
+                raise _lost(args.run_id)(e) from None
+            _report(run, args.json)
+            return EXIT_OK if run["status"] == "rolled_back" else EXIT_FAILED
+
+    return _run(go())
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    cfg = _config(args.config)
+
+    async def go() -> int:
+        async with Client(args.url or cfg.client_url, token=cfg.security.token,
+                          name="swarm-watch") as c:
+            await c.watch(args.run_id)
+            on_event = _follow(args.run_id, args.json, every=True)
+            if args.run_id is None:
+                async for ev in c.events():
+                    on_event(ev)
+                return EXIT_OK
+            run = await c.wait(args.run_id, on_event)
+            if args.json:
+                print(json.dumps({"summary": run}, default=str))
+                return RUN_EXIT.get(run["status"], EXIT_FAILED)
+            return _report(run, False)
 
     return _run(go())
 
@@ -224,7 +313,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"run {run_id}: {workflow.name} {workflow.version}, "
                       f"{len(workflow.symbols)} symbols on {args.workers} local workers",
                       file=sys.stderr)
-            run = await ls.wait(c, run_id, _follow(c, run_id, args.json))
+            run = await ls.wait(c, run_id, _follow(run_id, args.json))
             return _report(run, args.json)
 
     return _run(go())
@@ -294,6 +383,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "start-dispatcher": cmd_start_dispatcher,
     "start-worker": cmd_start_worker,
     "deploy": cmd_deploy,
+    "rollback": cmd_rollback,
+    "watch": cmd_watch,
     "status": cmd_status,
     "run": cmd_run,
     "config": cmd_config,

@@ -29,8 +29,8 @@ from .errors import (
 )
 from .model import Workflow
 
-FINAL_RUN_EVENTS = frozenset({"run.completed", "run.failed", "run.rolled_back",
-                              "run.cancelled"})
+FINAL_RUN_STATES = frozenset({"completed", "failed", "rolled_back", "cancelled"})
+FINAL_RUN_EVENTS = frozenset(f"run.{s}" for s in FINAL_RUN_STATES)
 
 
 class Client:
@@ -164,9 +164,23 @@ class Client:
 
     # --- conveniences -----------------------------------------------------------------
 
+    async def submit(self, workflow: Workflow | None, *, follow: bool = True, new: bool = False,
+                     resume: str | None = None) -> dict[str, Any]:
+        """Start a run (or attach to the active run of the same manifest, unless `new`);
+        `resume` starts a run that reuses what completed in a failed run."""
+        args: dict[str, Any] = {"follow": follow, "new": new}
+        if workflow is not None:
+            args["workflow"] = workflow.to_dict()
+        if resume is not None:
+            args["resume"] = resume
+        data: dict[str, Any] = await self.request("deploy", **args)
+        return data
+
     async def deploy(self, workflow: Workflow, *, follow: bool = True) -> str:
-        data = await self.request("deploy", workflow=workflow.to_dict(), follow=follow)
-        return str(data["run_id"])
+        return str((await self.submit(workflow, follow=follow))["run_id"])
+
+    async def rollback(self, run_id: str, *, follow: bool = True) -> None:
+        await self.request("rollback", run_id=run_id, follow=follow)
 
     async def status(self) -> dict[str, Any]:
         data: dict[str, Any] = await self.request("status")
@@ -182,6 +196,8 @@ class Client:
 
     async def wait(self, run_id: str, on_event: Any = None) -> dict[str, Any]:
         """Follow a run (deployed with follow=True, or watched) to its end; return its record."""
+        if (await self.run(run_id))["status"] in FINAL_RUN_STATES:
+            return await self.run(run_id)
         async for ev in self.events():
             if on_event is not None:
                 on_event(ev)

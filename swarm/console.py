@@ -134,15 +134,18 @@ _LINE_EVENTS = {"symbol.failed", "symbol.retrying", "symbol.skipped", "symbol.ro
                 "rollback.created", "run.halting", "run.rolling_back", "node.lost"}
 
 
-def event_line(ev: Event) -> str | None:
-    if ev.kind not in _LINE_EVENTS:
+def event_line(ev: Event, every: bool = False) -> str | None:
+    if not every and ev.kind not in _LINE_EVENTS:
         return None
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.ts))
     who = ev.symbol or ev.node or ""
     detail = ev.data.get("error") or ev.data.get("reason") or ev.data.get("cause") or ""
     if ev.kind == "symbol.retrying":
         detail = f"{detail}; retry in {ev.data.get('delay', 0):.2f} s"
-    return f"{stamp} {ev.kind:<18} {who} {detail}".rstrip()
+    if every and ev.node and ev.symbol:
+        who = f"{ev.symbol} on {ev.node}"
+    run = f"{ev.run_id} " if every and ev.run_id else ""
+    return f"{stamp} {run}{ev.kind:<18} {who} {detail}".rstrip()
 
 
 def setup_logging(level: str = "info", file: str = "") -> None:

@@ -109,6 +109,40 @@ class RunSubmitted:
     run_id: str
     workflow: Workflow
     now: float
+    reuse: dict[str, Any] = field(default_factory=dict)  # symbol -> output, done before
+    resumed_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as the state DB has it, to rebuild a run."""
+
+    name: str
+    kind: str  # main | rollback
+    state: str
+    attempts: int = 0
+    losses: int = 0
+    token: int = 0
+    due: float | None = None
+    first_start: float | None = None
+    parent: str | None = None  # rollback: the symbol it undoes
+    after: tuple[str, ...] = ()  # rollback: symbols whose rollbacks come first
+
+
+@dataclass(frozen=True, slots=True)
+class RunRestored:
+    run_id: str
+    workflow: Workflow
+    status: str
+    started: float
+    tasks: tuple[TaskRecord, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackRequested:
+    run_id: str
+    now: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +158,7 @@ class Tick:
 
 
 Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted
-         | ResultsReceived | Tick)
+         | ResultsReceived | Tick | RunRestored | RollbackRequested)
 
 # --- commands (out) -------------------------------------------------------------------
 
@@ -179,6 +213,7 @@ class SchedulerConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     retry_limit: int | None = None  # cap on any symbol's retries
     first_token: int = 1  # attempt tokens continue from here (persisted by the shell)
+    orphan_grace: float = 15.0  # seconds a restored running attempt waits for its worker
 
 
 # --- internal state -------------------------------------------------------------------
@@ -221,7 +256,7 @@ class _Task:
 
 class _Run:
     __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
-                 "failed", "halted", "rollback_failed", "rollback_phase", "started")
+                 "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash")
 
     def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
         self.id = run_id
@@ -236,6 +271,7 @@ class _Run:
         self.rollback_failed = False
         self.rollback_phase = False
         self.started = now
+        self.hash = workflow.content_hash
 
 
 class _Node:
@@ -312,6 +348,10 @@ class Scheduler:
                     self._journal("node.draining", now, node=node.name)
             case RunSubmitted():
                 self._on_submit(event)
+            case RunRestored():
+                self._on_restore(event)
+            case RollbackRequested():
+                self._on_rollback_request(event)
             case _:
                 raise IllegalTransition(f"unknown event {event!r}")
         self._dispatch(getattr(event, "now", 0.0))
@@ -346,6 +386,13 @@ class Scheduler:
         run = self._runs.get(run_id)
         task = run.tasks.get(name) if run else None
         return task.state if task else None
+
+    def find_active(self, manifest_hash: str) -> str | None:
+        """An unfinished run of the manifest with this content hash, if any."""
+        for run in self._runs.values():
+            if run.state not in RUN_FINAL and run.hash == manifest_hash:
+                return run.id
+        return None
 
     def active_runs(self) -> list[str]:
         return [r.id for r in self._runs.values() if r.state not in RUN_FINAL]
@@ -402,17 +449,34 @@ class Scheduler:
     # --- events -----------------------------------------------------------------------
 
     def _on_submit(self, ev: RunSubmitted) -> None:
-        if ev.run_id in self._runs:
-            raise IllegalTransition(f"run {ev.run_id} submitted twice")
         wf = ev.workflow
-        run = _Run(ev.run_id, wf, next(self._run_seq), ev.now)
+        run = self._build_run(ev.run_id, wf, ev.now)
+        self._journal("run.started", ev.now, run, data={
+            "workflow": wf.name, "version": wf.version, "hash": run.hash,
+            "symbols": len(wf.symbols), "on_failure": wf.on_failure, "mode": wf.mode,
+            "manifest": wf.to_dict(), **({"resumed_from": ev.resumed_from}
+                                         if ev.resumed_from else {}),
+        })
+        for name, output in ev.reuse.items():
+            task = run.tasks[name]
+            self._force(task, TaskState.COMPLETED)
+            done: dict[str, Any] = {"output": output, "reused_from": ev.resumed_from}
+            if isinstance(task.spec, Symbol) and task.spec.rollback is not None:
+                done["rollback"] = task.spec.rollback.to_dict()
+            self._journal("symbol.completed", ev.now, run, task, data=done)
+        for task in run.tasks.values():
+            task.waiting = sum(1 for d in task.deps if d.state is not TaskState.COMPLETED)
+            if task.waiting == 0 and task.state is TaskState.PENDING:
+                self._make_ready(task, ev.now)
+        self._check_run(run, ev.now)
+
+    def _build_run(self, run_id: str, wf: Workflow, now: float) -> _Run:
+        """A run's tasks and their dependency links, all pending."""
+        if run_id in self._runs:
+            raise IllegalTransition(f"run {run_id} is already known")
+        run = _Run(run_id, wf, next(self._run_seq), now)
         self._runs[run.id] = run
         analysis = planning.analyze(wf)
-        self._journal("run.started", ev.now, run, data={
-            "workflow": wf.name, "version": wf.version, "hash": wf.content_hash,
-            "symbols": len(wf.symbols), "on_failure": wf.on_failure, "mode": wf.mode,
-            "manifest": wf.to_dict(),
-        })
         for index, sym in enumerate(wf.symbols):
             task = _Task(run, sym.name, "main", sym)
             if self.config.priority_queue:
@@ -425,10 +489,80 @@ class Scheduler:
                 d = run.tasks[dep]
                 task.deps.append(d)
                 d.dependents.append(task)
-            task.waiting = len(task.deps)
+        return run
+
+    def _on_restore(self, ev: RunRestored) -> None:
+        """Rebuild a run from its records (after a dispatcher restart, or to roll it back).
+        Attempts that were running are held for `orphan_grace`: their worker may come back
+        and report; after that they run again."""
+        run = self._build_run(ev.run_id, ev.workflow, ev.started)
+        run.state = RunState(ev.status)
+        records = {(r.kind, r.parent if r.kind == "rollback" else r.name): r for r in ev.tasks}
         for task in run.tasks.values():
-            if task.waiting == 0:
+            rec = records.get(("main", task.name))
+            if rec is not None:
+                self._restore_task(task, rec, ev.now)
+        for rec in ev.tasks:
+            if rec.kind != "rollback" or rec.parent not in run.tasks:
+                continue
+            parent = run.tasks[rec.parent]
+            assert isinstance(parent.spec, Symbol) and parent.spec.rollback is not None
+            rb = _Task(run, parent.spec.rollback.name, "rollback", parent.spec.rollback, parent)
+            rb.key = (float("-inf"), run.seq, len(run.rollbacks))
+            run.rollbacks.append(rb)
+            run.unfinished += 1
+            self._restore_task(rb, rec, ev.now)
+        by_parent = {rb.parent.name: rb for rb in run.rollbacks if rb.parent is not None}
+        for rb in run.rollbacks:
+            rec = records[("rollback", rb.parent.name if rb.parent else "")]
+            for name in rec.after:
+                if name in by_parent:
+                    rb.deps.append(by_parent[name])
+                    by_parent[name].dependents.append(rb)
+        run.failed = any(t.state is TaskState.FAILED for t in run.tasks.values())
+        run.halted = run.failed and run.workflow.on_failure != "continue"
+        run.rollback_failed = any(t.state is TaskState.FAILED for t in run.rollbacks)
+        run.rollback_phase = run.state is RunState.ROLLING_BACK
+        for task in itertools.chain(run.tasks.values(), run.rollbacks):
+            ok = (TaskState.COMPLETED, TaskState.ROLLED_BACK) + (
+                (TaskState.FAILED,) if task.kind == "rollback" else ())
+            task.waiting = sum(1 for d in task.deps if d.state not in ok)
+            if task.state is TaskState.PENDING and task.waiting == 0 and (
+                    task.kind == "rollback" or not run.halted):
                 self._make_ready(task, ev.now)
+        self._journal("run.restored", ev.now, run, data={"status": run.state.value})
+        self._check_run(run, ev.now)
+
+    def _restore_task(self, task: _Task, rec: TaskRecord, now: float) -> None:
+        state = TaskState(rec.state)
+        task.attempts, task.losses, task.token = rec.attempts, rec.losses, rec.token
+        task.first_start = rec.first_start
+        if state is TaskState.RUNNING:  # its worker may still report: hold it a while
+            self._force(task, TaskState.RETRYING)
+            task.orphan = task.token
+            self._by_token[task.token] = task
+            task.due = now + self.config.orphan_grace
+            heapq.heappush(self._timers, (task.due, next(self._seq), task))
+            self._journal("symbol.orphaned", now, task.run, task, attempt=task.attempts,
+                          data={"token": task.token, "due": task.due})
+        elif state is TaskState.RETRYING:
+            self._force(task, state)
+            task.due = rec.due if rec.due is not None else now
+            heapq.heappush(self._timers, (task.due, next(self._seq), task))
+        elif state is TaskState.READY:
+            self._force(task, state)
+            heapq.heappush(self._ready.setdefault(task.dispatch, []),
+                           (self._key(task), next(self._seq), task))
+        else:
+            self._force(task, state)
+
+    def _on_rollback_request(self, ev: RollbackRequested) -> None:
+        run = self._runs.get(ev.run_id)
+        if run is None or run.state not in (RunState.COMPLETED, RunState.FAILED):
+            raise IllegalTransition(f"run {ev.run_id} cannot be rolled back now")
+        run.state = RunState.RUNNING
+        self._journal("run.rollback_requested", ev.now, run)
+        self._start_rollback_phase(run, ev.now)
         self._check_run(run, ev.now)
 
     def _on_connect(self, ev: NodeConnected) -> None:
@@ -579,8 +713,8 @@ class Scheduler:
             self._check_run(run, now)
             return
         error = r.error or "failed"
-        if self._may_retry(task, r, now):
-            delay = backoff_delay(self._policy(task), task.id, task.attempts)
+        delay = backoff_delay(self._policy(task), task.id, task.attempts)
+        if self._may_retry(task, r, now + delay):
             self._set(task, TaskState.RETRYING)
             task.due = now + delay
             heapq.heappush(self._timers, (task.due, next(self._seq), task))
@@ -593,7 +727,7 @@ class Scheduler:
         self._failed_for_good(task, now)
         self._check_run(run, now)
 
-    def _may_retry(self, task: _Task, r: TaskResult, now: float) -> bool:
+    def _may_retry(self, task: _Task, r: TaskResult, due: float) -> bool:
         if not r.retryable or (task.run.halted and task.kind == "main"):
             return False
         retries = task.retries
@@ -602,8 +736,9 @@ class Scheduler:
         if task.attempts > retries:
             return False
         deadline = getattr(task.spec, "deadline", None)
+        # The deadline wins over remaining retries: no retry that would start past it.
         return not (deadline is not None and task.first_start is not None
-                    and (now - task.first_start) * 1000 >= deadline)
+                    and (due - task.first_start) * 1000 >= deadline)
 
     def _policy(self, task: _Task) -> RetryPolicy:
         own = getattr(task.spec, "retry", None)
@@ -658,8 +793,8 @@ class Scheduler:
         self._push_ready(task, now)
 
     def _push_ready(self, task: _Task, now: float, reason: str = "") -> None:
-        key = task.key if self.config.priority_queue and task.key else (next(self._seq),)
-        heapq.heappush(self._ready.setdefault(task.dispatch, []), (key, next(self._seq), task))
+        heapq.heappush(self._ready.setdefault(task.dispatch, []),
+                       (self._key(task), next(self._seq), task))
         self._journal("symbol.queued", now, task.run, task,
                       data={"reason": reason} if reason else {})
 
@@ -715,17 +850,14 @@ class Scheduler:
     def _check_run(self, run: _Run, now: float) -> None:
         if run.state in RUN_FINAL or run.unfinished:
             return
-        if not run.failed:
-            final = RunState.COMPLETED
-        elif run.workflow.on_failure == "rollback" and not run.rollback_phase:
+        if run.failed and run.workflow.on_failure == "rollback" and not run.rollback_phase:
             self._start_rollback_phase(run, now)
             if run.unfinished:
                 return
-            final = RunState.FAILED if run.rollback_failed else RunState.ROLLED_BACK
-        elif run.workflow.on_failure == "rollback":
+        if run.rollback_phase:
             final = RunState.FAILED if run.rollback_failed else RunState.ROLLED_BACK
         else:
-            final = RunState.FAILED
+            final = RunState.FAILED if run.failed else RunState.COMPLETED
         run.state = final
         counts: dict[str, int] = {}
         for t in run.tasks.values():
@@ -781,14 +913,27 @@ class Scheduler:
         node.running[task.token] = task
         self._by_token[task.token] = task
         spec = task.spec
+        timeout = spec.timeout
+        deadline = getattr(spec, "deadline", None)
+        if deadline is not None:  # no attempt may outlive the symbol's deadline
+            timeout = max(1, min(timeout, int(deadline - (now - task.first_start) * 1000)))
         self._journal("symbol.started", now, task.run, task, node=node.name,
                       attempt=task.attempts, data={"token": task.token, "node_id": node.id})
         self._assign.setdefault(node.id, []).append(TaskAssignment(
             task_id=task.id, run_id=task.run.id, symbol=task.name, type=spec.type,
             context=spec.context, dispatch=spec.dispatch, parameters=spec.parameters,
-            attempt=task.attempts, token=task.token, timeout=spec.timeout))
+            attempt=task.attempts, token=task.token, timeout=timeout))
 
     # --- helpers ----------------------------------------------------------------------
+
+    def _force(self, task: _Task, state: TaskState) -> None:
+        """Put a task in a state without a transition: only for rebuilding from records."""
+        if state in TERMINAL and task.state not in TERMINAL:
+            task.run.unfinished -= 1
+        task.state = state
+
+    def _key(self, task: _Task) -> tuple[Any, ...]:
+        return task.key if self.config.priority_queue and task.key else (next(self._seq),)
 
     def _set(self, task: _Task, state: TaskState) -> None:
         if state not in TASK_TRANSITIONS[task.state]:

@@ -45,6 +45,9 @@ def scheduler_config(cfg: Config, first_token: int) -> c.SchedulerConfig:
         retry=cfg.retry,
         retry_limit=co.task_retry_limit,
         first_token=first_token,
+        # A worker that outlived the last dispatcher reconnects within its backoff; its
+        # running attempts wait this long for it before they run again elsewhere.
+        orphan_grace=co.heartbeat_timeout / 1000.0,
     )
 
 
@@ -124,6 +127,8 @@ class Dispatcher:
         self.store = await Store.open(self.db_path, self.config.dispatcher.synchronous)
         first = await self.store.max_token() + 1
         self.core = c.Scheduler(scheduler_config(self.config, first))
+        for run_id in await self.store.unfinished_runs():
+            await self._restore(run_id)
         try:
             self._server = await serve(
                 self._serve, self.host, self.port,
@@ -136,12 +141,6 @@ class Dispatcher:
             await self.store.close()
             raise ConfigError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}"
                               ) from None
-        unfinished = [r for r in await self.store.runs(1000) if r["status"] in
-                      ("running", "rolling_back")]
-        if unfinished:
-            log.warning("%d runs were unfinished when the last dispatcher stopped (%s); "
-                        "resuming them is not supported yet", len(unfinished),
-                        ", ".join(r["run_id"] for r in unfinished[:5]))
         sock = self._server.sockets[0] if self._server.sockets else None
         if sock is not None:
             self.port = sock.getsockname()[1]
@@ -180,6 +179,19 @@ class Dispatcher:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    async def _restore(self, run_id: str) -> bool:
+        """Load a run from the state DB into the core; False if there is no such run."""
+        assert self.store is not None and self.core is not None
+        loaded = await self.store.load_run(run_id)
+        if loaded is None:
+            return False
+        row, records = loaded
+        wf = workflow_from_dict(row["manifest"], source=f"<run {run_id}>")
+        self._feed(c.RunRestored(run_id, wf, row["status"], row["created_at"], tuple(records),
+                                 time.time()))
+        log.info("run %s (%s): %s, restored from the state DB", run_id, wf.name, row["status"])
+        return True
 
     # --- the core loop ----------------------------------------------------------------
 
@@ -367,23 +379,83 @@ class Dispatcher:
             self._clients.discard(peer)
             await peer.close()
 
+    def _reply_after_commit(self, peer: _Peer, req: p.Request, data: dict[str, Any]) -> None:
+        """Queued behind the journal entries just fed: sent once they are committed."""
+        self._sends.append((peer, p.Reply(id=req.id, ok=True, data=data)))
+        self._dirty.set()
+
+    def _refuse(self, peer: _Peer, req: p.Request, error: str, code: int = 2) -> None:
+        peer.send(p.Reply(id=req.id, ok=False, error=error, code=code))
+
+    async def _deploy(self, peer: _Peer, req: p.Request) -> None:
+        assert self.core is not None and self.store is not None
+        a = req.args
+        reuse: dict[str, Any] = {}
+        resumed_from: str | None = a.get("resume")
+        try:
+            doc = a.get("workflow")
+            if resumed_from is not None:
+                loaded = await self.store.load_run(resumed_from)
+                if loaded is None:
+                    return self._refuse(peer, req, f"no run {resumed_from!r}")
+                old, _ = loaded
+                if old["status"] not in ("failed", "rolled_back", "cancelled"):
+                    return self._refuse(peer, req, f"run {resumed_from} is {old['status']}: "
+                                        "only a failed or cancelled run can be resumed")
+                doc = doc or old["manifest"]
+            if doc is None:
+                return self._refuse(peer, req, "deploy needs a workflow or a run to resume")
+            wf = workflow_from_dict(doc, source="<deployed manifest>")
+        except ManifestError as e:
+            return self._refuse(peer, req, str(e))
+        if resumed_from is not None:
+            names = {s.name for s in wf.symbols}
+            reuse = {k: v for k, v in old["outputs"].items() if k in names}
+        elif not a.get("new"):
+            active = self.core.find_active(wf.content_hash)
+            if active is not None:  # the same manifest is running: follow it, do not rerun it
+                if a.get("follow"):
+                    peer.watching.add(active)
+                peer.send(p.Reply(id=req.id, ok=True, data={"run_id": active, "attached": True}))
+                return None
+        run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        if a.get("follow"):
+            peer.watching.add(run_id)
+        self._feed(c.RunSubmitted(run_id, wf, time.time(), reuse, resumed_from))
+        log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
+                 f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "")
+        self._reply_after_commit(peer, req, {"run_id": run_id, "attached": False,
+                                             "reused": len(reuse)})
+        return None
+
+    async def _rollback(self, peer: _Peer, req: p.Request) -> None:
+        assert self.core is not None and self.store is not None
+        run_id = req.args["run_id"]
+        state = self.core.run_state(run_id)
+        if state is not None and state not in c.RUN_FINAL:
+            return self._refuse(peer, req, f"run {run_id} is still {state.value}")
+        row = await self.store.run(run_id)
+        if row is None:
+            return self._refuse(peer, req, f"no run {run_id!r}")
+        if row["status"] not in ("completed", "failed"):
+            return self._refuse(peer, req, f"run {run_id} is {row['status']}: only a completed "
+                                "or failed run can be rolled back")
+        if state is None:
+            await self._restore(run_id)
+        if req.args.get("follow"):
+            peer.watching.add(run_id)
+        self._feed(c.RollbackRequested(run_id, time.time()))
+        log.info("run %s: rollback requested", run_id)
+        self._reply_after_commit(peer, req, {"run_id": run_id})
+        return None
+
     async def _request(self, peer: _Peer, req: p.Request) -> None:
         assert self.core is not None and self.store is not None
         a = req.args
         if req.op == "deploy":
-            try:
-                wf = workflow_from_dict(a["workflow"], source="<deployed manifest>")
-            except ManifestError as e:
-                peer.send(p.Reply(id=req.id, ok=False, error=str(e), code=2))
-                return
-            run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-            if a.get("follow"):
-                peer.watching.add(run_id)
-            self._feed(c.RunSubmitted(run_id, wf, time.time()))
-            log.info("run %s: %s %s, %d symbols", run_id, wf.name, wf.version, len(wf.symbols))
-            # Queued behind the run's journal entries: replied only once they are committed.
-            self._sends.append((peer, p.Reply(id=req.id, ok=True, data={"run_id": run_id})))
-            self._dirty.set()
+            await self._deploy(peer, req)
+        elif req.op == "rollback":
+            await self._rollback(peer, req)
         elif req.op == "status":
             data: dict[str, Any] = self.core.snapshot()
             data["db"] = await self.store.counts()

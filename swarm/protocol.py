@@ -176,7 +176,9 @@ MESSAGES: dict[str, type[Any]] = {
 }
 # Requests a client may make, with the type of each argument (None: optional).
 REQUEST_OPS: dict[str, dict[str, tuple[type, bool]]] = {
-    "deploy": {"workflow": (dict, True), "follow": (bool, False), "new": (bool, False)},
+    "deploy": {"workflow": (dict, False), "follow": (bool, False), "new": (bool, False),
+               "resume": (str, False)},
+    "rollback": {"run_id": (str, True), "follow": (bool, False)},
     "status": {},
     "run": {"run_id": (str, True)},
     "runs": {"limit": (int, False)},

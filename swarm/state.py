@@ -18,7 +18,7 @@ from typing import Any
 
 import aiosqlite
 
-from .core import Journal
+from .core import Journal, TaskRecord
 from .errors import StateError
 
 SCHEMA_VERSION = 1
@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, symbol TEXT NOT NULL, kind TEXT NOT NULL,
     parent TEXT, dispatch TEXT NOT NULL, position INTEGER NOT NULL, state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, losses INTEGER NOT NULL DEFAULT 0, node TEXT,
-    token INTEGER, due_at REAL, started_at REAL, finished_at REAL, result TEXT, error TEXT);
+    token INTEGER, due_at REAL, started_at REAL, finished_at REAL, result TEXT, error TEXT,
+    deps TEXT);
 CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id, position);
 CREATE TABLE IF NOT EXISTS attempts (
     token INTEGER PRIMARY KEY, task_id TEXT NOT NULL, run_id TEXT NOT NULL,
@@ -86,7 +87,11 @@ _KEYS = {"tasks": "task_id", "attempts": "token", "runs": "run_id", "nodes": "no
          "rollbacks": "rowid"}
 
 _INSERT_TASK = ("INSERT OR IGNORE INTO tasks (task_id, run_id, symbol, kind, parent, dispatch,"
-                " position, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+                " position, state, deps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# Journal kinds that change a run's status, and the status they set.
+_RUN_STATUS = {"run.completed": "completed", "run.failed": "failed",
+               "run.rolled_back": "rolled_back", "run.rolling_back": "rolling_back",
+               "run.cancelled": "cancelled", "run.rollback_requested": "rolling_back"}
 # Fields of event data kept out of the journal rows because other tables hold them.
 _BULKY = ("manifest", "stderr")
 
@@ -103,11 +108,11 @@ def _apply(b: _Batch, e: Journal) -> None:
                   d["mode"], "running", e.ts))
         for i, s in enumerate(m["symbols"]):
             b.insert(_INSERT_TASK, (f"{e.run_id}/{s['name']}", e.run_id, s["name"], "main", None,
-                                    s["dispatch"], i, "pending"))
+                                    s["dispatch"], i, "pending", None))
     elif k == "rollback.created":
         spec = d["spec"]
         b.insert(_INSERT_TASK, (tid, e.run_id, e.symbol, "rollback", d["parent"],
-                                spec["dispatch"], -1, "pending"))
+                                spec["dispatch"], -1, "pending", _json(d["after"])))
     elif k == "symbol.queued":
         b.update("tasks", tid, state="ready")
     elif k == "symbol.started":
@@ -119,6 +124,8 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.insert("INSERT INTO attempts (token, task_id, run_id, attempt, node, started_at,"
                  " outcome) VALUES (?, ?, ?, ?, ?, ?, 'running')",
                  (d["token"], tid, e.run_id, e.attempt, e.node, e.ts))
+    elif k == "symbol.orphaned":
+        b.update("tasks", tid, state="retrying", due_at=d["due"])
     elif k == "symbol.adopted":
         b.update("tasks", tid, state="running", node=e.node)
     elif k == "attempt.finished":
@@ -146,9 +153,10 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.update("tasks", tid, state="rolled_back")
         b.insert("UPDATE rollbacks SET rolled_back_at = ? WHERE run_id = ? AND symbol = ?",
                  (e.ts, e.run_id, e.symbol))
-    elif k.startswith("run.") and k != "run.halting":
-        b.update("runs", e.run_id, status=d.get("status", k[4:]),
-                 **({"finished_at": e.ts} if k[4:] in FINAL_RUN_STATES else {}))
+    elif k in _RUN_STATUS:
+        status = _RUN_STATUS[k]
+        b.update("runs", e.run_id, status=status,
+                 finished_at=e.ts if status in FINAL_RUN_STATES else None)
     elif k == "node.joined":
         b.insert("INSERT OR REPLACE INTO nodes (node_id, name, capabilities, slots, labels,"
                  " status, joined_at) VALUES (?, ?, ?, ?, ?, 'connected', ?)",
@@ -295,6 +303,36 @@ class Store:
         for r in rows:
             r["result"] = json.loads(r["result"]) if r["result"] is not None else None
         return rows
+
+    async def unfinished_runs(self) -> list[str]:
+        rows = await self._rows("SELECT run_id FROM runs WHERE status IN ('running',"
+                                " 'rolling_back') ORDER BY created_at")
+        return [r["run_id"] for r in rows]
+
+    async def load_run(self, run_id: str) -> tuple[dict[str, Any], list[TaskRecord]] | None:
+        """A run's row (with its manifest document) and task records, to rebuild it."""
+        rows = await self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        if not rows:
+            return None
+        run = rows[0]
+        run["manifest"] = json.loads(run["manifest"])
+        tasks = await self._rows(
+            "SELECT symbol, kind, parent, state, attempts, losses, token, due_at, started_at,"
+            " deps, result FROM tasks WHERE run_id = ? ORDER BY rowid", (run_id,))
+        records = [TaskRecord(
+            name=t["symbol"], kind=t["kind"], state=t["state"], attempts=t["attempts"],
+            losses=t["losses"], token=t["token"] or 0, due=t["due_at"],
+            first_start=t["started_at"], parent=t["parent"],
+            after=tuple(json.loads(t["deps"])) if t["deps"] else ()) for t in tasks]
+        run["outputs"] = {t["symbol"]: json.loads(t["result"]) if t["result"] else None
+                          for t in tasks if t["kind"] == "main" and t["state"] == "completed"}
+        return run, records
+
+    async def active_run_by_hash(self, manifest_hash: str) -> str | None:
+        rows = await self._rows("SELECT run_id FROM runs WHERE manifest_hash = ? AND status IN"
+                                " ('running', 'rolling_back') ORDER BY created_at DESC LIMIT 1",
+                                (manifest_hash,))
+        return rows[0]["run_id"] if rows else None
 
     async def events(self, run_id: str) -> list[dict[str, Any]]:
         rows = await self._rows(
