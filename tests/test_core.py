@@ -488,3 +488,129 @@ def test_later_rollbacks_still_run_after_one_fails() -> None:
     h.result("w", t, ok=False, retryable=False)
     assert h.run_one("w") == "undo_a"
     assert h.s.run_state("r1") == c.RunState.FAILED
+
+
+# --- recovery ---------------------------------------------------------------------------
+
+CHAIN = wf(sym("a", rollback=True), sym("b", "a", rollback=True), sym("c", "b"))
+
+
+def restore(h: Harness, *records: c.TaskRecord, status: str = "running",
+            workflow: Workflow = CHAIN) -> None:
+    h.feed(c.RunRestored("r1", workflow, status, h.now - 10, records, h.now))
+
+
+def test_a_restored_run_does_not_rerun_completed_symbols() -> None:
+    h = Harness(orphan_grace=5.0)
+    restore(h, c.TaskRecord("a", "main", "completed", attempts=1, token=1),
+            c.TaskRecord("b", "main", "pending"), c.TaskRecord("c", "main", "pending"))
+    h.node("w")
+    assert h.names("w") == ["b"]
+    assert h.state("a") == "completed"
+
+
+def test_a_restored_running_attempt_is_adopted_when_its_worker_reports() -> None:
+    h = Harness(orphan_grace=5.0, first_token=100)
+    restore(h, c.TaskRecord("a", "main", "completed", attempts=1, token=1),
+            c.TaskRecord("b", "main", "running", attempts=1, token=7),
+            c.TaskRecord("c", "main", "pending"))
+    assert h.state("b") == "retrying"
+    h.node("w", running=(7,))  # the worker outlived the dispatcher and still runs it
+    assert h.state("b") == "running" and h.take("w") == []
+    h.result("w", TaskAssignment("r1/b", "r1", "b", "action", "generic", "internal", {}, 1,
+                                 7, 1000))
+    (t,) = h.take("w")
+    assert t.symbol == "c" and t.token == 100
+
+
+def test_a_restored_attempt_whose_result_arrives_after_reconnect_counts() -> None:
+    h = Harness(orphan_grace=5.0)
+    restore(h, c.TaskRecord("a", "main", "running", attempts=1, token=3),
+            c.TaskRecord("b", "main", "pending"), c.TaskRecord("c", "main", "pending"))
+    h.node("w")  # came back with the attempt finished, its result not yet acknowledged
+    assert h.take("w") == []  # held for its worker, not re-run at once
+    h.result("w", TaskAssignment("r1/a", "r1", "a", "action", "generic", "internal", {}, 1,
+                                 3, 1000))
+    assert h.state("a") == "completed" and h.names("w") == ["b"]
+
+
+def test_an_unclaimed_restored_attempt_runs_again_after_the_grace() -> None:
+    h = Harness(orphan_grace=5.0)
+    restore(h, c.TaskRecord("a", "main", "running", attempts=1, token=3),
+            c.TaskRecord("b", "main", "pending"), c.TaskRecord("c", "main", "pending"))
+    h.node("w")
+    h.tick(4.0)
+    assert h.take("w") == []
+    h.feed(c.NodeHeartbeat("w", h.now))
+    h.tick(1.5)
+    (t,) = h.take("w")
+    assert t.symbol == "a" and t.attempt == 2
+
+
+def test_a_restored_retry_keeps_its_due_time() -> None:
+    h = Harness()
+    restore(h, c.TaskRecord("a", "main", "retrying", attempts=1, token=3, due=h.now + 2.0),
+            c.TaskRecord("b", "main", "pending"), c.TaskRecord("c", "main", "pending"))
+    h.node("w")
+    assert h.s.next_deadline() == pytest.approx(h.now + 2.0)
+    h.tick(1.0)
+    assert h.take("w") == []
+    h.tick(1.1)
+    assert h.names("w") == ["a"]
+
+
+def test_a_restored_rollback_phase_continues_in_order() -> None:
+    h = Harness()
+    restore(h, c.TaskRecord("a", "main", "completed", attempts=1),
+            c.TaskRecord("b", "main", "rolled_back", attempts=1),
+            c.TaskRecord("c", "main", "failed", attempts=4),
+            c.TaskRecord("undo_b", "rollback", "completed", parent="b"),
+            c.TaskRecord("undo_a", "rollback", "pending", parent="a", after=("b",)),
+            status="rolling_back")
+    h.node("w")
+    assert h.run_one("w") == "undo_a"
+    assert h.s.run_state("r1") == c.RunState.ROLLED_BACK
+
+
+def test_rollback_of_a_finished_run_undoes_completed_symbols_in_reverse_order() -> None:
+    h = Harness()
+    restore(h, *(c.TaskRecord(n, "main", "completed", attempts=1) for n in "abc"),
+            status="completed")
+    h.feed(c.RollbackRequested("r1", h.now))
+    h.node("w")
+    assert [h.run_one("w") for _ in range(2)] == ["undo_b", "undo_a"]
+    assert h.s.run_state("r1") == c.RunState.ROLLED_BACK
+    with pytest.raises(c.IllegalTransition):
+        h.feed(c.RollbackRequested("r1", h.now))
+
+
+def test_a_resumed_run_reuses_what_completed_before() -> None:
+    h = Harness()
+    h.node("w")
+    h.feed(c.RunSubmitted("r2", CHAIN, h.now, reuse={"a": {"x": 1}}, resumed_from="r1"))
+    assert h.names("w") == ["b"]
+    (done,) = [j for j in h.journal if j.kind == "symbol.completed"]
+    assert done.symbol == "a" and done.data["reused_from"] == "r1"
+
+
+def test_the_same_manifest_is_found_active_until_its_run_ends() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a")))
+    assert h.s.find_active(wf(sym("a")).content_hash) == "r1"
+    assert h.s.find_active(wf(sym("b")).content_hash) is None
+    h.run_one("w")
+    assert h.s.find_active(wf(sym("a")).content_hash) is None
+
+
+def test_an_attempt_never_outlives_the_symbols_deadline() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a", timeout=10_000, deadline=3000, retries=5)))
+    (t,) = h.take("w")
+    assert t.timeout == 3000
+    h.now += 1.0
+    h.result("w", t, ok=False)
+    h.tick(0.5)
+    (t2,) = h.take("w")
+    assert 1400 <= t2.timeout <= 1600
