@@ -116,11 +116,13 @@ class Cluster:
         self.procs[key] = proc
         return proc
 
-    def start_dispatcher(self, extra_env: dict[str, str] | None = None, port: int = 0) -> str:
+    def start_dispatcher(self, extra_env: dict[str, str] | None = None, port: int = 0,
+                         host: str = "127.0.0.1") -> str:
         ready = self.root / "dispatcher.url"
         ready.unlink(missing_ok=True)
         proc = self._spawn("dispatcher", swarm_argv(
-            "start-dispatcher", str(self.config_path), "--port", str(port), "--db", str(self.db),
+            "start-dispatcher", str(self.config_path), "--host", host, "--port", str(port),
+            "--db", str(self.db),
             "--ready-file", str(ready), "--log-level", "debug"), extra_env)
 
         def up() -> str:
@@ -133,11 +135,11 @@ class Cluster:
         return self.url
 
     def start_worker(self, name: str, config: Path | None = None, slots: int = 2,
-                     wait: bool = True, extra_env: dict[str, str] | None = None
-                     ) -> subprocess.Popen[bytes]:
-        proc = self._spawn(name, swarm_argv(
+                     wait: bool = True, extra_env: dict[str, str] | None = None,
+                     prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+        proc = self._spawn(name, [*prefix, *swarm_argv(
             "start-worker", str(config or self.config_path), name, "--url", self.url,
-            "--slots", str(slots), "--log-level", "debug"), extra_env)
+            "--slots", str(slots), "--log-level", "debug")], extra_env)
         if wait:
             wait_for(lambda: self.node_connected(name), what=f"worker {name} to join")
         return proc
