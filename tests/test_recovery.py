@@ -377,3 +377,30 @@ def test_chaos_soak_of_500_tasks_over_3_workers_killed_at_random(cluster: Cluste
     assert set(ok.values()) == {1} and len(ok) == 500
     assert sum(t["losses"] for t in tasks.values()) > 0
 
+
+
+def test_a_worker_back_from_a_stop_is_told_to_abandon_an_attempt_taken_over(
+        cluster: Cluster, tmp_path: Path) -> None:
+    cluster.config_path.write_text(cluster.config_path.read_text().replace(
+        "heartbeat_timeout = 3000", "heartbeat_timeout = 1000"))
+    cluster.start_dispatcher()
+    cluster.start_worker("w1", slots=1)
+    m = manifest(tmp_path, """
+        name: abandon
+        version: "1"
+        symbols:
+          - {name: long, type: action, parameters: {handler: delay, ms: 6000}}
+    """)
+    run_id = detach(cluster, m)
+    wait_for(lambda: cluster.tasks(run_id)["long"]["state"] == "running", what="long to start")
+    first = cluster.tasks(run_id)["long"]["token"]
+    cluster.kill("w1", signal.SIGSTOP)
+    cluster.start_worker("w2", slots=1)
+    wait_for(lambda: cluster.tasks(run_id)["long"]["node"] == "w2", timeout=30,
+             what="w2 to take the symbol over")
+    cluster.kill("w1", signal.SIGCONT)  # back while its attempt still runs
+    wait_for(lambda: f"abandoning attempt {first}" in cluster.log("w1"), timeout=30,
+             what="w1 to be told to abandon its attempt")
+    wait_for(lambda: run_status(cluster, run_id) == "completed", timeout=30, what="the run")
+    assert completions(cluster, run_id) == Counter({"long": 1})
+    assert not cluster.query("SELECT 1 FROM events WHERE kind = 'result.dropped'")
