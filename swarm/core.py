@@ -23,6 +23,25 @@ from typing import Any
 
 from . import plan as planning
 from .errors import SwarmError
+from .events import (  # the core's vocabulary, re-exported
+    Abandon,
+    Ack,
+    Assign,
+    CloseNode,
+    Command,
+    Event,
+    Journal,
+    NodeConnected,
+    NodeDisconnected,
+    NodeDraining,
+    NodeHeartbeat,
+    ResultsReceived,
+    RollbackRequested,
+    RunRestored,
+    RunSubmitted,
+    TaskRecord,
+    Tick,
+)
 from .model import RetryPolicy, RollbackSpec, Symbol, Workflow
 from .protocol import TaskAssignment, TaskResult
 
@@ -68,140 +87,6 @@ RUN_FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.ROLLED_BACK
 
 class IllegalTransition(SwarmError):
     """The scheduler tried a move its tables forbid: a bug in swarm, not in the input."""
-
-
-# --- events (in) ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class NodeConnected:
-    node_id: str
-    name: str
-    capabilities: tuple[str, ...]
-    slots: int
-    now: float
-    labels: dict[str, str] = field(default_factory=dict)
-    running: tuple[int, ...] = ()  # attempt tokens it still runs (after a reconnect)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeDisconnected:
-    node_id: str
-    now: float
-    graceful: bool = False  # it said it was draining: its leftovers are not "lost"
-
-
-@dataclass(frozen=True, slots=True)
-class NodeHeartbeat:
-    node_id: str
-    now: float
-    running: tuple[int, ...] | None = None  # the attempts the worker says it runs
-
-
-@dataclass(frozen=True, slots=True)
-class NodeDraining:
-    node_id: str
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class RunSubmitted:
-    run_id: str
-    workflow: Workflow
-    now: float
-    reuse: dict[str, Any] = field(default_factory=dict)  # symbol -> output, done before
-    resumed_from: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TaskRecord:
-    """A task as the state DB has it, to rebuild a run."""
-
-    name: str
-    kind: str  # main | rollback
-    state: str
-    attempts: int = 0
-    losses: int = 0
-    token: int = 0
-    due: float | None = None
-    first_start: float | None = None
-    parent: str | None = None  # rollback: the symbol it undoes
-    after: tuple[str, ...] = ()  # rollback: symbols whose rollbacks come first
-
-
-@dataclass(frozen=True, slots=True)
-class RunRestored:
-    run_id: str
-    workflow: Workflow
-    status: str
-    started: float
-    tasks: tuple[TaskRecord, ...]
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class RollbackRequested:
-    run_id: str
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class ResultsReceived:
-    node_id: str
-    results: tuple[TaskResult, ...]
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    now: float
-
-
-Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted
-         | ResultsReceived | Tick | RunRestored | RollbackRequested)
-
-# --- commands (out) -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Journal:
-    """A state change: persisted, then published. `kind` is e.g. `symbol.completed`."""
-
-    kind: str
-    ts: float
-    run_id: str | None = None
-    task_id: str | None = None
-    symbol: str | None = None
-    node: str | None = None
-    attempt: int | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Assign:
-    node_id: str
-    tasks: tuple[TaskAssignment, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    node_id: str
-    tokens: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Abandon:
-    node_id: str
-    tokens: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CloseNode:
-    node_id: str
-    reason: str
-
-
-Command = Journal | Assign | Ack | Abandon | CloseNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -950,3 +835,33 @@ class Scheduler:
             kind=kind, ts=now, run_id=run.id if run else None,
             task_id=task.id if task else None, symbol=task.name if task else None,
             node=node, attempt=attempt, data=data or {}))
+
+
+__all__ = [
+    "Abandon",
+    "Ack",
+    "Assign",
+    "CloseNode",
+    "Command",
+    "Event",
+    "IllegalTransition",
+    "Journal",
+    "NodeConnected",
+    "NodeDisconnected",
+    "NodeDraining",
+    "NodeHeartbeat",
+    "RUN_FINAL",
+    "ResultsReceived",
+    "RollbackRequested",
+    "RunRestored",
+    "RunState",
+    "RunSubmitted",
+    "Scheduler",
+    "SchedulerConfig",
+    "TASK_TRANSITIONS",
+    "TERMINAL",
+    "TaskRecord",
+    "TaskState",
+    "Tick",
+    "backoff_delay",
+]

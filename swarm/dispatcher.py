@@ -14,6 +14,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,6 +307,18 @@ class Dispatcher:
         else:
             await self._serve_client(ws, hello)
 
+    async def _messages(self, ws: ServerConnection, hello: p.Hello
+                        ) -> AsyncIterator[p.Message]:
+        """The decoded frames of one connection; a bad frame closes that connection only."""
+        async for frame in ws:
+            try:
+                msg = p.decode(frame, self.config.dispatcher.max_frame_size)
+            except RemoteProtocolError as e:
+                log.warning("%s %s sent a bad frame: %s", hello.role, hello.name, e)
+                await ws.close(p.CLOSE_INVALID_DATA, "bad frame")
+                return
+            yield msg
+
     async def _serve_worker(self, ws: ServerConnection, hello: p.Hello) -> None:
         if len(self._workers) >= self.config.coordinator.max_workers:
             await ws.close(1013, f"dispatcher full: max_workers={len(self._workers)}")
@@ -324,13 +337,7 @@ class Dispatcher:
         self._feed(c.NodeConnected(node_id, hello.name, hello.capabilities, hello.slots,
                                    time.time(), hello.labels, hello.running))
         try:
-            async for frame in ws:
-                try:
-                    msg = p.decode(frame, self.config.dispatcher.max_frame_size)
-                except RemoteProtocolError as e:
-                    log.warning("worker %s sent a bad frame: %s", hello.name, e)
-                    await ws.close(p.CLOSE_INVALID_DATA, "bad frame")
-                    break
+            async for msg in self._messages(ws, hello):
                 now = time.time()
                 if isinstance(msg, p.Results):
                     self._feed(c.ResultsReceived(node_id, msg.items, now))
@@ -359,13 +366,7 @@ class Dispatcher:
         peer.send(p.Welcome(node_id="", version=__version__,
                             heartbeat_interval=self.config.coordinator.heartbeat_interval))
         try:
-            async for frame in ws:
-                try:
-                    msg = p.decode(frame, self.config.dispatcher.max_frame_size)
-                except RemoteProtocolError as e:
-                    log.warning("client %s sent a bad frame: %s", hello.name, e)
-                    await ws.close(p.CLOSE_INVALID_DATA, "bad frame")
-                    break
+            async for msg in self._messages(ws, hello):
                 if not isinstance(msg, p.Request):
                     await ws.close(p.CLOSE_POLICY, f"unexpected {msg.T}")
                     break

@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,18 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[Any] = []
         self.url = ""
+
+    def edit_config(self, old: str, new: str) -> None:
+        text = self.config_path.read_text()
+        assert old in text, old
+        self.config_path.write_text(text.replace(old, new))
+
+    def detach(self, manifest: Path, *extra: str) -> str:
+        """Deploy without following; the run id."""
+        cp = self.cli("deploy", str(manifest), str(self.config_path), "--url", self.url,
+                      "--detach", *extra)
+        assert cp.returncode == 0, cp.stderr
+        return cp.stdout.strip()
 
     def write_config(self, name: str, extra: str) -> Path:
         path = self.root / name
@@ -210,6 +223,12 @@ class Cluster:
                 proc.wait()
         for log in self._logs:
             log.close()
+
+
+def write_manifest(folder: Path, text: str, name: str = "wf.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
 
 
 def result_json(cp: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -6,30 +6,15 @@ from __future__ import annotations
 import json
 import os
 import stat
-import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from backend_support import PHP_ENGINE, PS_ENGINE, build_rust_injector, fake_pwsh_path, find_php
-from e2e_support import REPO, Cluster, pid_alive, result_json, wait_for
+from e2e_support import REPO, Cluster, pid_alive, result_json, wait_for, write_manifest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    cl = Cluster(tmp_path)
-    try:
-        yield cl
-    finally:
-        cl.close()
-
-
-def manifest(tmp_path: Path, text: str, name: str = "wf.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def test_hello_runs_across_two_workers_and_every_record_is_in_the_db(cluster: Cluster) -> None:
@@ -105,7 +90,7 @@ def test_a_failed_attempt_is_retried_and_then_succeeds(cluster: Cluster, tmp_pat
     cluster.start_dispatcher()
     cluster.start_worker("w1")
     cluster.start_worker("w2")
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: retry
         version: "1"
         symbols:
@@ -128,7 +113,7 @@ def test_a_failure_rolls_back_completed_symbols_in_reverse_order(cluster: Cluste
     cluster.start_dispatcher()
     cluster.start_worker("w1")
     cluster.start_worker("w2")
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: rollback
         version: "1"
         on_failure: rollback
@@ -184,7 +169,7 @@ binary_path = "{script}"
 """)
     cluster.start_dispatcher()
     cluster.start_worker("w1", cfg)
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: timeout
         version: "1"
         symbols:
@@ -205,16 +190,13 @@ def test_a_task_on_a_worker_whose_connection_drops_goes_to_another_worker(
         cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_dispatcher()
     w1 = cluster.start_worker("w1")
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: drop
         version: "1"
         symbols:
           - {name: long, type: action, parameters: {handler: delay, ms: 1500}}
     """)
-    follower = cluster.cli("deploy", str(m), str(cluster.config_path), "--url", cluster.url,
-                           "--detach")
-    assert follower.returncode == 0, follower.stderr
-    run_id = follower.stdout.strip()
+    run_id = cluster.detach(m)
     wait_for(lambda: cluster.tasks(run_id).get("long", {}).get("state") == "running",
              what="the task to run on w1")
     cluster.kill("w1")
@@ -234,7 +216,7 @@ def test_a_task_on_a_worker_whose_connection_drops_goes_to_another_worker(
 def test_a_bad_manifest_exits_2_naming_each_problem_and_dispatches_nothing(
         cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_dispatcher()
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: bad
         version: "1"
         symbols:
@@ -285,14 +267,13 @@ def test_worker_sigterm_finishes_running_symbol_and_exits_0(cluster: Cluster,
                                                             tmp_path: Path) -> None:
     cluster.start_dispatcher()
     w1 = cluster.start_worker("w1")
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: graceful
         version: "1"
         symbols:
           - {name: slow, type: action, parameters: {handler: delay, ms: 800}}
     """)
-    run_id = cluster.cli("deploy", str(m), str(cluster.config_path), "--url", cluster.url,
-                         "--detach").stdout.strip()
+    run_id = cluster.detach(m)
     wait_for(lambda: cluster.tasks(run_id).get("slow", {}).get("state") == "running",
              what="the symbol to start")
     assert cluster.stop("w1") == 0
@@ -314,7 +295,7 @@ def test_swarm_run_runs_hello_on_a_local_swarm_and_stops_everything(tmp_path: Pa
 
 
 def test_swarm_run_exits_1_when_the_workflow_fails(tmp_path: Path) -> None:
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: failing
         version: "1"
         symbols:
@@ -346,15 +327,14 @@ def test_bad_frames_close_only_their_own_connection_while_a_run_goes_on(
 
     cluster.start_dispatcher()
     cluster.start_worker("w1")
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: steady
         version: "1"
         symbols:
           - {name: a, type: action, parameters: {handler: delay, ms: 300}}
           - {name: b, type: action, dependencies: [a], parameters: {handler: delay, ms: 300}}
     """)
-    run_id = cluster.cli("deploy", str(m), str(cluster.config_path), "--url", cluster.url,
-                         "--detach").stdout.strip()
+    run_id = cluster.detach(m)
 
     def closed_with(payload: bytes | str, hello_first: bool = False) -> int:
         with connect(cluster.url, max_size=None, compression=None) as ws:

@@ -108,10 +108,7 @@ def test_a_partitioned_worker_is_declared_dead_and_its_late_result_dropped(
         m = tmp_path / "wf.yaml"
         m.write_text('name: partition\nversion: "1"\nsymbols:\n'
                      "  - {name: work, type: action, parameters: {handler: delay, ms: 2500}}\n")
-        cp = cluster.cli("deploy", str(m), str(cluster.config_path), "--url", cluster.url,
-                         "--detach")
-        assert cp.returncode == 0, cp.stderr
-        run_id = cp.stdout.strip()
+        run_id = cluster.detach(m)
         wait_for(lambda: cluster.tasks(run_id)["work"]["state"] == "running", what="work to run")
         first = cluster.tasks(run_id)["work"]["token"]
         cluster.start_worker("host2", slots=1, prefix=hosts.exec_prefix(2))

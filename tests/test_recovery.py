@@ -9,38 +9,24 @@ import random
 import signal
 import stat
 import subprocess
-import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import Cluster, free_port, result_json, swarm_argv, wait_for
+from e2e_support import (
+    Cluster,
+    free_port,
+    result_json,
+    swarm_argv,
+    wait_for,
+    write_manifest,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    cl = Cluster(tmp_path)
-    try:
-        yield cl
-    finally:
-        cl.close()
 
-
-def manifest(tmp_path: Path, text: str, name: str = "wf.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def detach(cluster: Cluster, m: Path, *extra: str) -> str:
-    cp = cluster.cli("deploy", str(m), str(cluster.config_path), "--url", cluster.url,
-                     "--detach", *extra)
-    assert cp.returncode == 0, cp.stderr
-    return cp.stdout.strip()
 
 
 def completions(cluster: Cluster, run_id: str) -> Counter[str]:
@@ -55,17 +41,16 @@ def run_status(cluster: Cluster, run_id: str) -> str:
 
 def test_a_stopped_worker_is_declared_dead_and_its_late_result_is_dropped(
         cluster: Cluster, tmp_path: Path) -> None:
-    cluster.config_path.write_text(cluster.config_path.read_text().replace(
-        "heartbeat_timeout = 3000", "heartbeat_timeout = 1000"))
+    cluster.edit_config("heartbeat_timeout = 3000", "heartbeat_timeout = 1000")
     cluster.start_dispatcher()
     cluster.start_worker("w1", slots=1)
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: stale
         version: "1"
         symbols:
           - {name: slow, type: action, parameters: {handler: delay, ms: 1500}}
     """)
-    run_id = detach(cluster, m)
+    run_id = cluster.detach(m)
     wait_for(lambda: cluster.tasks(run_id)["slow"]["state"] == "running", what="slow to start")
     first = cluster.tasks(run_id)["slow"]["token"]
     cluster.kill("w1", signal.SIGSTOP)  # its TCP connection stays open, it just goes silent
@@ -105,7 +90,7 @@ def test_kill_9_of_the_dispatcher_mid_run_resumes_without_rerunning_completed_sy
     cluster.start_dispatcher(port=port)
     cluster.start_worker("w1")
     cluster.start_worker("w2")
-    m = manifest(tmp_path, CHAIN)
+    m = write_manifest(tmp_path, CHAIN)
     follower = subprocess.Popen(
         swarm_argv("deploy", str(m), str(cluster.config_path), "--url", cluster.url),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -140,7 +125,7 @@ def test_a_retry_timer_keeps_its_due_time_across_a_dispatcher_restart(
     port = free_port()
     cluster.start_dispatcher(port=port)
     cluster.start_worker("w1")
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: timer
         version: "1"
         symbols:
@@ -150,7 +135,7 @@ def test_a_retry_timer_keeps_its_due_time_across_a_dispatcher_restart(
             retry: {initial_delay: 3000, jitter: 0.0}
             parameters: {handler: fail, succeed_on_attempt: 2}
     """)
-    run_id = detach(cluster, m)
+    run_id = cluster.detach(m)
     wait_for(lambda: cluster.tasks(run_id)["later"]["state"] == "retrying", what="a retry")
     due = cluster.tasks(run_id)["later"]["due_at"]
     assert cluster.stop("dispatcher") == 0  # SIGTERM: flushed, going-away, exit 0
@@ -178,7 +163,7 @@ def test_a_poison_task_that_kills_every_worker_fails_as_worker_lost(
     cluster.start_dispatcher()
     for name in ("w1", "w2", "w3"):
         cluster.start_worker(name, cfg, slots=1)
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: poison
         version: "1"
         symbols:
@@ -194,7 +179,7 @@ def test_a_poison_task_that_kills_every_worker_fails_as_worker_lost(
 def test_deadline_beats_remaining_retries(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_dispatcher()
     cluster.start_worker("w1")
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: deadline
         version: "1"
         symbols:
@@ -218,7 +203,7 @@ def test_a_duplicated_result_is_acknowledged_and_recorded_once(cluster: Cluster,
     from swarm import protocol as p
 
     cluster.start_dispatcher()
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: dup
         version: "1"
         symbols:
@@ -230,7 +215,7 @@ def test_a_duplicated_result_is_acknowledged_and_recorded_once(cluster: Cluster,
         ws.send(p.encode(p.Hello(role="worker", name="manual", capabilities=("internal",),
                                  slots=1)))
         assert isinstance(p.decode(ws.recv(timeout=5)), p.Welcome)
-        run_id = detach(cluster, m)
+        run_id = cluster.detach(m)
         (task,) = p.decode(ws.recv(timeout=10)).tasks  # type: ignore[union-attr]
         result = p.TaskResult(token=task.token, task_id=task.task_id, ok=True, output="x")
         ws.send(p.encode(p.Results((result, result))))
@@ -256,13 +241,13 @@ def test_worker_sigterm_past_its_grace_requeues_without_counting_a_loss(
     short.write_text(cfg)
     cluster.start_dispatcher()
     w1 = cluster.start_worker("w1", short)
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: grace
         version: "1"
         symbols:
           - {name: long, type: action, parameters: {handler: delay, ms: 20000}}
     """)
-    run_id = detach(cluster, m)
+    run_id = cluster.detach(m)
     wait_for(lambda: cluster.tasks(run_id)["long"]["state"] == "running", what="long to run")
     started = time.monotonic()
     assert cluster.stop("w1") == 0 and w1.returncode == 0
@@ -276,7 +261,7 @@ def test_rollback_of_a_finished_run_after_a_dispatcher_restart(cluster: Cluster,
     port = free_port()
     cluster.start_dispatcher(port=port)
     cluster.start_worker("w1")
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: undoable
         version: "1"
         symbols:
@@ -306,16 +291,16 @@ def test_deploy_attaches_to_an_active_run_of_the_same_manifest_and_resume_reuses
         cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_dispatcher()
     cluster.start_worker("w1")
-    slow = manifest(tmp_path, """
+    slow = write_manifest(tmp_path, """
         name: slow
         version: "1"
         symbols:
           - {name: wait, type: action, parameters: {handler: delay, ms: 1500}}
     """, "slow.yaml")
-    first = detach(cluster, slow)
-    assert detach(cluster, slow) == first
-    assert detach(cluster, slow, "--new") != first
-    broken = manifest(tmp_path, """
+    first = cluster.detach(slow)
+    assert cluster.detach(slow) == first
+    assert cluster.detach(slow, "--new") != first
+    broken = write_manifest(tmp_path, """
         name: fixable
         version: "1"
         on_failure: abort
@@ -327,7 +312,7 @@ def test_deploy_attaches_to_an_active_run_of_the_same_manifest_and_resume_reuses
     cp = cluster.deploy(broken)
     assert cp.returncode == 1
     failed_run = result_json(cp)["run_id"]
-    fixed = manifest(tmp_path, broken.read_text().replace(
+    fixed = write_manifest(tmp_path, broken.read_text().replace(
         "retries: 0, parameters: {handler: fail}", "parameters: {handler: noop}"), "fixed.yaml")
     cp = cluster.deploy(fixed, "--resume", failed_run)
     assert cp.returncode == 0, cp.stderr
@@ -342,8 +327,7 @@ def test_deploy_attaches_to_an_active_run_of_the_same_manifest_and_resume_reuses
 def test_chaos_soak_of_500_tasks_over_3_workers_killed_at_random(cluster: Cluster,
                                                                 tmp_path: Path) -> None:
     rng = random.Random(20261121)
-    cluster.config_path.write_text(cluster.config_path.read_text().replace(
-        "[coordinator]\n", "[coordinator]\nmax_worker_losses = 1000\n"))
+    cluster.edit_config("[coordinator]\n", "[coordinator]\nmax_worker_losses = 1000\n")
     lines = ["name: soak", 'version: "1"', "on_failure: continue", "symbols:"]
     for layer in range(10):
         for i in range(50):
@@ -355,7 +339,7 @@ def test_chaos_soak_of_500_tasks_over_3_workers_killed_at_random(cluster: Cluste
     cluster.start_dispatcher()
     for n in range(3):
         cluster.start_worker(f"w{n}", slots=4)
-    run_id = detach(cluster, m)
+    run_id = cluster.detach(m)
     kills, generation = 0, {n: 0 for n in range(3)}
     deadline = time.monotonic() + 150
     while run_status(cluster, run_id) == "running" and time.monotonic() < deadline:
@@ -381,17 +365,16 @@ def test_chaos_soak_of_500_tasks_over_3_workers_killed_at_random(cluster: Cluste
 
 def test_a_worker_back_from_a_stop_is_told_to_abandon_an_attempt_taken_over(
         cluster: Cluster, tmp_path: Path) -> None:
-    cluster.config_path.write_text(cluster.config_path.read_text().replace(
-        "heartbeat_timeout = 3000", "heartbeat_timeout = 1000"))
+    cluster.edit_config("heartbeat_timeout = 3000", "heartbeat_timeout = 1000")
     cluster.start_dispatcher()
     cluster.start_worker("w1", slots=1)
-    m = manifest(tmp_path, """
+    m = write_manifest(tmp_path, """
         name: abandon
         version: "1"
         symbols:
           - {name: long, type: action, parameters: {handler: delay, ms: 6000}}
     """)
-    run_id = detach(cluster, m)
+    run_id = cluster.detach(m)
     wait_for(lambda: cluster.tasks(run_id)["long"]["state"] == "running", what="long to start")
     first = cluster.tasks(run_id)["long"]["token"]
     cluster.kill("w1", signal.SIGSTOP)

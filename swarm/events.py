@@ -1,0 +1,148 @@
+"""What goes into the scheduler core (events) and what comes out (commands).
+
+Events carry the time they happened (`now`, seconds since the epoch): the core never
+reads a clock. Commands are either `Journal` entries (state changes to persist, then
+publish) or messages for a node, which the shell sends only after the journal entries
+before them are committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import Workflow
+from .protocol import TaskAssignment, TaskResult
+
+# --- events (in) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConnected:
+    node_id: str
+    name: str
+    capabilities: tuple[str, ...]
+    slots: int
+    now: float
+    labels: dict[str, str] = field(default_factory=dict)
+    running: tuple[int, ...] = ()  # attempt tokens it still runs (after a reconnect)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDisconnected:
+    node_id: str
+    now: float
+    graceful: bool = False  # it said it was draining: its leftovers are not "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHeartbeat:
+    node_id: str
+    now: float
+    running: tuple[int, ...] | None = None  # the attempts the worker says it runs
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDraining:
+    node_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunSubmitted:
+    run_id: str
+    workflow: Workflow
+    now: float
+    reuse: dict[str, Any] = field(default_factory=dict)  # symbol -> output, done before
+    resumed_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as the state DB has it, to rebuild a run."""
+
+    name: str
+    kind: str  # main | rollback
+    state: str
+    attempts: int = 0
+    losses: int = 0
+    token: int = 0
+    due: float | None = None
+    first_start: float | None = None
+    parent: str | None = None  # rollback: the symbol it undoes
+    after: tuple[str, ...] = ()  # rollback: symbols whose rollbacks come first
+
+
+@dataclass(frozen=True, slots=True)
+class RunRestored:
+    run_id: str
+    workflow: Workflow
+    status: str
+    started: float
+    tasks: tuple[TaskRecord, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackRequested:
+    run_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsReceived:
+    node_id: str
+    results: tuple[TaskResult, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+
+
+Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted
+         | ResultsReceived | Tick | RunRestored | RollbackRequested)
+
+# --- commands (out) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """A state change: persisted, then published. `kind` is e.g. `symbol.completed`."""
+
+    kind: str
+    ts: float
+    run_id: str | None = None
+    task_id: str | None = None
+    symbol: str | None = None
+    node: str | None = None
+    attempt: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    node_id: str
+    tasks: tuple[TaskAssignment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    node_id: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    node_id: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseNode:
+    node_id: str
+    reason: str
+
+
+Command = Journal | Assign | Ack | Abandon | CloseNode
