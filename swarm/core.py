@@ -37,7 +37,10 @@ from .events import (  # the core's vocabulary, re-exported
     NodeHeartbeat,
     ResultsReceived,
     RollbackRequested,
+    RunCancelled,
+    RunPaused,
     RunRestored,
+    RunResumed,
     RunSubmitted,
     TaskRecord,
     Tick,
@@ -55,22 +58,24 @@ class TaskState(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"  # never started: a dependency failed or the run halted
     ROLLED_BACK = "rolled_back"  # completed, then undone by its rollback
+    CANCELLED = "cancelled"  # stopped (or never started) because its run was cancelled
 
 
 TERMINAL = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED,
-                      TaskState.ROLLED_BACK})
+                      TaskState.ROLLED_BACK, TaskState.CANCELLED})
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.PENDING: frozenset({TaskState.READY, TaskState.SKIPPED}),
-    TaskState.READY: frozenset({TaskState.RUNNING, TaskState.SKIPPED}),
+    TaskState.PENDING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.CANCELLED}),
+    TaskState.READY: frozenset({TaskState.RUNNING, TaskState.SKIPPED, TaskState.CANCELLED}),
     TaskState.RUNNING: frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.RETRYING,
-                                  TaskState.READY}),
+                                  TaskState.READY, TaskState.CANCELLED}),
     TaskState.RETRYING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.FAILED,
-                                   TaskState.RUNNING}),
+                                   TaskState.RUNNING, TaskState.CANCELLED}),
     TaskState.COMPLETED: frozenset({TaskState.ROLLED_BACK}),
     TaskState.FAILED: frozenset(),
     TaskState.SKIPPED: frozenset(),
     TaskState.ROLLED_BACK: frozenset(),
+    TaskState.CANCELLED: frozenset(),
 }
 
 
@@ -80,9 +85,11 @@ class RunState(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
+    CANCELLED = "cancelled"
 
 
-RUN_FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.ROLLED_BACK})
+RUN_FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.ROLLED_BACK,
+                       RunState.CANCELLED})
 
 
 class IllegalTransition(SwarmError):
@@ -141,7 +148,8 @@ class _Task:
 
 class _Run:
     __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
-                 "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash")
+                 "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash",
+                 "paused", "parked", "cancelled")
 
     def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
         self.id = run_id
@@ -157,6 +165,9 @@ class _Run:
         self.rollback_phase = False
         self.started = now
         self.hash = workflow.content_hash
+        self.paused = False  # ready tasks wait in `parked` instead of starting
+        self.parked: list[_Task] = []
+        self.cancelled = False
 
 
 class _Node:
@@ -237,6 +248,10 @@ class Scheduler:
                 self._on_restore(event)
             case RollbackRequested():
                 self._on_rollback_request(event)
+            case RunPaused() | RunResumed():
+                self._on_pause(event)
+            case RunCancelled():
+                self._on_cancel(event)
             case _:
                 raise IllegalTransition(f"unknown event {event!r}")
         self._dispatch(getattr(event, "now", 0.0))
@@ -293,7 +308,7 @@ class Scheduler:
                 per[t.state.value] = per.get(t.state.value, 0) + 1
             if run.state not in RUN_FINAL:
                 runs.append({"run_id": run.id, "workflow": run.workflow.name,
-                             "state": run.state.value, "tasks": per,
+                             "state": "paused" if run.paused else run.state.value, "tasks": per,
                              "total": len(run.tasks), "started": run.started})
         nodes = [{
             "node_id": n.id, "name": n.name, "capabilities": sorted(n.caps), "slots": n.slots,
@@ -381,7 +396,8 @@ class Scheduler:
         Attempts that were running are held for `orphan_grace`: their worker may come back
         and report; after that they run again."""
         run = self._build_run(ev.run_id, ev.workflow, ev.started)
-        run.state = RunState(ev.status)
+        run.paused = ev.status == "paused"
+        run.state = RunState.RUNNING if run.paused else RunState(ev.status)
         records = {(r.kind, r.parent if r.kind == "rollback" else r.name): r for r in ev.tasks}
         for task in run.tasks.values():
             rec = records.get(("main", task.name))
@@ -407,7 +423,11 @@ class Scheduler:
         run.failed = any(t.state is TaskState.FAILED for t in run.tasks.values())
         run.halted = run.failed and run.workflow.on_failure != "continue"
         run.rollback_failed = any(t.state is TaskState.FAILED for t in run.rollbacks)
-        run.rollback_phase = run.state is RunState.ROLLING_BACK
+        run.rollback_phase = run.state is RunState.ROLLING_BACK or any(
+            rb.parent is not None and rb.parent.state is not TaskState.FAILED
+            for rb in run.rollbacks)
+        if run.rollback_phase:
+            run.state = RunState.ROLLING_BACK
         for task in itertools.chain(run.tasks.values(), run.rollbacks):
             ok = (TaskState.COMPLETED, TaskState.ROLLED_BACK) + (
                 (TaskState.FAILED,) if task.kind == "rollback" else ())
@@ -440,6 +460,49 @@ class Scheduler:
                            (self._key(task), next(self._seq), task))
         else:
             self._force(task, state)
+
+    def _on_pause(self, ev: RunPaused | RunResumed) -> None:
+        run = self._runs.get(ev.run_id)
+        pause = isinstance(ev, RunPaused)
+        if run is None or run.state in RUN_FINAL or run.paused == pause:
+            raise IllegalTransition(f"run {ev.run_id} cannot be "
+                                    f"{'paused' if pause else 'resumed'} now")
+        run.paused = pause
+        if pause:
+            self._journal("run.paused", ev.now, run)
+            return
+        for task in run.parked:
+            if task.state is TaskState.READY:
+                heapq.heappush(self._ready.setdefault(task.dispatch, []),
+                               (self._key(task), next(self._seq), task))
+        run.parked.clear()
+        self._journal("run.resumed", ev.now, run, data={"status": run.state.value})
+
+    def _on_cancel(self, ev: RunCancelled) -> None:
+        """Stop a run: running attempts are abandoned (their backends terminated), nothing
+        else starts; with `rollback`, completed symbols are then rolled back."""
+        run = self._runs.get(ev.run_id)
+        if run is None or run.state in RUN_FINAL or run.cancelled:
+            raise IllegalTransition(f"run {ev.run_id} cannot be cancelled now")
+        run.cancelled = run.halted = True
+        run.paused = False
+        run.parked.clear()
+        self._journal("run.cancelling", ev.now, run, data={"rollback": ev.rollback})
+        abandon: dict[str, list[int]] = {}
+        for task in itertools.chain(run.tasks.values(), run.rollbacks):
+            if task.state in TERMINAL:
+                continue
+            if task.state is TaskState.RUNNING and task.node is not None:
+                del task.node.running[task.token]
+                abandon.setdefault(task.node.id, []).append(task.token)
+                task.node = None
+            self._set(task, TaskState.CANCELLED)
+            self._journal("symbol.cancelled", ev.now, run, task, attempt=task.attempts)
+        for nid, tokens in abandon.items():
+            self._out.append(Abandon(nid, tuple(tokens)))
+        if ev.rollback:
+            self._start_rollback_phase(run, ev.now)
+        self._check_run(run, ev.now)
 
     def _on_rollback_request(self, ev: RollbackRequested) -> None:
         run = self._runs.get(ev.run_id)
@@ -739,7 +802,9 @@ class Scheduler:
             self._start_rollback_phase(run, now)
             if run.unfinished:
                 return
-        if run.rollback_phase:
+        if run.cancelled:
+            final = RunState.CANCELLED
+        elif run.rollback_phase:
             final = RunState.FAILED if run.rollback_failed else RunState.ROLLED_BACK
         else:
             final = RunState.FAILED if run.failed else RunState.COMPLETED
@@ -760,8 +825,11 @@ class Scheduler:
             best_node: _Node | None = None
             best_heap: list[tuple[tuple[Any, ...], int, _Task]] | None = None
             for dispatch, heap in self._ready.items():
-                while heap and heap[0][2].state is not TaskState.READY:
-                    heapq.heappop(heap)
+                while heap and (heap[0][2].state is not TaskState.READY
+                                or heap[0][2].run.paused):
+                    _, _, t = heapq.heappop(heap)
+                    if t.state is TaskState.READY:  # its run is paused: set it aside
+                        t.run.parked.append(t)
                 if not heap or (best is not None and heap[0][:2] >= best):
                     continue
                 node = self._pick_node(dispatch)
@@ -853,7 +921,10 @@ __all__ = [
     "RUN_FINAL",
     "ResultsReceived",
     "RollbackRequested",
+    "RunCancelled",
+    "RunPaused",
     "RunRestored",
+    "RunResumed",
     "RunState",
     "RunSubmitted",
     "Scheduler",

@@ -90,6 +90,25 @@ class RollbackRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class RunPaused:
+    run_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunResumed:
+    run_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunCancelled:
+    run_id: str
+    now: float
+    rollback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ResultsReceived:
     node_id: str
     results: tuple[TaskResult, ...]
@@ -102,7 +121,8 @@ class Tick:
 
 
 Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted
-         | ResultsReceived | Tick | RunRestored | RollbackRequested)
+         | ResultsReceived | Tick | RunRestored | RollbackRequested | RunPaused | RunResumed
+         | RunCancelled)
 
 # --- commands (out) -------------------------------------------------------------------
 

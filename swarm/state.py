@@ -91,7 +91,8 @@ _INSERT_TASK = ("INSERT OR IGNORE INTO tasks (task_id, run_id, symbol, kind, par
 # Journal kinds that change a run's status, and the status they set.
 _RUN_STATUS = {"run.completed": "completed", "run.failed": "failed",
                "run.rolled_back": "rolled_back", "run.rolling_back": "rolling_back",
-               "run.cancelled": "cancelled", "run.rollback_requested": "rolling_back"}
+               "run.cancelled": "cancelled", "run.rollback_requested": "rolling_back",
+               "run.paused": "paused"}
 # Fields of event data kept out of the journal rows because other tables hold them.
 _BULKY = ("manifest", "stderr")
 
@@ -147,14 +148,16 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.update("tasks", tid, state="retrying", due_at=d["due"], error=d["error"])
     elif k == "symbol.failed":
         b.update("tasks", tid, state="failed", finished_at=e.ts, error=d["error"])
+    elif k == "symbol.cancelled":
+        b.update("tasks", tid, state="cancelled", finished_at=e.ts)
     elif k == "symbol.skipped":
         b.update("tasks", tid, state="skipped", finished_at=e.ts, error=d["reason"])
     elif k == "symbol.rolled_back":
         b.update("tasks", tid, state="rolled_back")
         b.insert("UPDATE rollbacks SET rolled_back_at = ? WHERE run_id = ? AND symbol = ?",
                  (e.ts, e.run_id, e.symbol))
-    elif k in _RUN_STATUS:
-        status = _RUN_STATUS[k]
+    elif k in _RUN_STATUS or k == "run.resumed":
+        status = d["status"] if k == "run.resumed" else _RUN_STATUS[k]
         b.update("runs", e.run_id, status=status,
                  finished_at=e.ts if status in FINAL_RUN_STATES else None)
     elif k == "node.joined":
@@ -306,7 +309,7 @@ class Store:
 
     async def unfinished_runs(self) -> list[str]:
         rows = await self._rows("SELECT run_id FROM runs WHERE status IN ('running',"
-                                " 'rolling_back') ORDER BY created_at")
+                                " 'rolling_back', 'paused') ORDER BY created_at")
         return [r["run_id"] for r in rows]
 
     async def load_run(self, run_id: str) -> tuple[dict[str, Any], list[TaskRecord]] | None:
@@ -330,7 +333,8 @@ class Store:
 
     async def active_run_by_hash(self, manifest_hash: str) -> str | None:
         rows = await self._rows("SELECT run_id FROM runs WHERE manifest_hash = ? AND status IN"
-                                " ('running', 'rolling_back') ORDER BY created_at DESC LIMIT 1",
+                                " ('running', 'rolling_back', 'paused')"
+                                " ORDER BY created_at DESC LIMIT 1",
                                 (manifest_hash,))
         return rows[0]["run_id"] if rows else None
 

@@ -614,3 +614,68 @@ def test_an_attempt_never_outlives_the_symbols_deadline() -> None:
     h.tick(0.5)
     (t2,) = h.take("w")
     assert 1400 <= t2.timeout <= 1600
+
+
+# --- run control ------------------------------------------------------------------------
+
+
+def test_pause_stops_new_assignments_while_running_symbols_finish() -> None:
+    h = Harness()
+    h.node("w", slots=1)
+    h.submit(wf(sym("a"), sym("b"), sym("c", "a")))
+    (t,) = h.take("w")
+    h.feed(c.RunPaused("r1", h.now))
+    h.result("w", t)
+    assert h.take("w") == []  # b and c wait, though a slot is free
+    h.feed(c.RunResumed("r1", h.now))
+    assert len(h.take("w")) == 1
+    with pytest.raises(c.IllegalTransition):
+        h.feed(c.RunResumed("r1", h.now))
+
+
+def test_a_paused_run_does_not_hold_back_other_runs() -> None:
+    h = Harness()
+    h.submit(wf(sym("a", priority=9)), run_id="r1")
+    h.feed(c.RunPaused("r1", h.now))
+    h.submit(wf(sym("b")), run_id="r2")
+    h.node("w", slots=1)
+    assert [t.run_id for t in h.take("w")] == ["r2"]
+
+
+def test_cancel_abandons_running_attempts_and_ends_the_run_cancelled() -> None:
+    h = Harness()
+    h.node("w", slots=2)
+    h.submit(wf(sym("a", rollback=True), sym("b"), sym("c", "a"), sym("d", "b")))
+    ta, tb = sorted(h.take("w"), key=lambda t: t.symbol)
+    h.result("w", ta)
+    (tc,) = h.take("w")
+    cmds = h.feed(c.RunCancelled("r1", h.now))
+    (abandon,) = [x for x in cmds if isinstance(x, c.Abandon)]
+    assert sorted(abandon.tokens) == sorted([tb.token, tc.token])
+    assert {h.state(n) for n in "bcd"} == {"cancelled"} and h.state("a") == "completed"
+    assert h.s.run_state("r1") == c.RunState.CANCELLED
+    h.result("w", tb)  # a late result of an abandoned attempt changes nothing
+    assert h.state("b") == "cancelled"
+
+
+def test_cancel_with_rollback_undoes_completed_symbols() -> None:
+    h = Harness()
+    h.node("w", slots=1)
+    h.submit(wf(sym("a", rollback=True), sym("b", "a", rollback=True), sym("c", "b")))
+    h.run_one("w")
+    h.run_one("w")
+    h.take("w")
+    h.feed(c.RunCancelled("r1", h.now, rollback=True))
+    assert [h.run_one("w") for _ in range(2)] == ["undo_b", "undo_a"]
+    assert h.s.run_state("r1") == c.RunState.CANCELLED
+    assert h.state("a") == h.state("b") == "rolled_back"
+
+
+def test_a_paused_run_stays_paused_after_a_restart() -> None:
+    h = Harness()
+    restore(h, c.TaskRecord("a", "main", "ready"), c.TaskRecord("b", "main", "pending"),
+            c.TaskRecord("c", "main", "pending"), status="paused")
+    h.node("w")
+    assert h.take("w") == []
+    h.feed(c.RunResumed("r1", h.now))
+    assert h.names("w") == ["a"]
