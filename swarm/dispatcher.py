@@ -16,7 +16,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -25,8 +24,10 @@ from . import __version__
 from . import core as c
 from . import protocol as p
 from .config import Config
-from .errors import ConfigError, ManifestError, RemoteProtocolError, SwarmError
+from .errors import ConfigError, RemoteProtocolError, SwarmError
 from .manifest import workflow_from_dict
+from .metrics import Histogram
+from .ops import Operations
 from .state import Store
 
 log = logging.getLogger("swarm.dispatcher")
@@ -112,6 +113,13 @@ class Dispatcher:
         self._clients: set[_Peer] = set()
         self._records: list[c.Journal] = []
         self._sends: list[tuple[_Peer, p.Message | None]] = []
+        self.ops = Operations(self)
+        self._fed_at = 0.0  # when the event behind the pending sends arrived
+        self.dispatch_latency = Histogram(
+            "swarm_dispatch_latency_seconds",
+            "From the event that freed a symbol to its assignment being sent (incl. commit).")
+        self.journal_latency = Histogram(
+            "swarm_journal_write_seconds", "Duration of one group commit to the state DB.")
         self._dirty = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._closing = False
@@ -137,6 +145,7 @@ class Dispatcher:
                 max_size=self.config.dispatcher.max_frame_size,
                 ping_interval=None,  # liveness is our own heartbeat, judged by the core
                 server_header=f"swarm/{__version__}",
+                process_request=self.ops.http,
             )
         except OSError as e:
             await self.store.close()
@@ -198,6 +207,8 @@ class Dispatcher:
 
     def _feed(self, event: c.Event) -> None:
         assert self.core is not None
+        if not self._sends:
+            self._fed_at = time.perf_counter()
         for cmd in self.core.handle(event):
             if isinstance(cmd, c.Journal):
                 self._records.append(cmd)
@@ -219,18 +230,23 @@ class Dispatcher:
 
     async def _flush(self) -> None:
         async with self._flush_lock:  # one group commit at a time, in order
-            records, sends = self._records, self._sends
+            records, sends, fed_at = self._records, self._sends, self._fed_at
             self._records, self._sends = [], []
             if records:
                 assert self.store is not None
+                t0 = time.perf_counter()
                 await self.store.write(records)
+                self.journal_latency.observe(time.perf_counter() - t0)
                 self._publish(records)
+            now = time.perf_counter()
             for peer, msg in sends:
                 if msg is None:
                     asyncio.get_running_loop().create_task(
                         peer.ws.close(p.CLOSE_HEARTBEAT, "heartbeat timeout"))
-                else:
-                    peer.send(msg)
+                    continue
+                if isinstance(msg, p.Assign):
+                    self.dispatch_latency.observe(now - fed_at)
+                peer.send(msg)
 
     async def _flush_loop(self) -> None:
         try:
@@ -371,7 +387,7 @@ class Dispatcher:
                     await ws.close(p.CLOSE_POLICY, f"unexpected {msg.T}")
                     break
                 try:
-                    await self._request(peer, msg)
+                    await self.ops.request(peer, msg)
                 except SwarmError as e:
                     peer.send(p.Reply(id=msg.id, ok=False, error=str(e), code=e.exit_code))
         except ConnectionClosed:
@@ -379,117 +395,6 @@ class Dispatcher:
         finally:
             self._clients.discard(peer)
             await peer.close()
-
-    def _reply_after_commit(self, peer: _Peer, req: p.Request, data: dict[str, Any]) -> None:
-        """Queued behind the journal entries just fed: sent once they are committed."""
-        self._sends.append((peer, p.Reply(id=req.id, ok=True, data=data)))
-        self._dirty.set()
-
-    def _refuse(self, peer: _Peer, req: p.Request, error: str, code: int = 2) -> None:
-        peer.send(p.Reply(id=req.id, ok=False, error=error, code=code))
-
-    async def _deploy(self, peer: _Peer, req: p.Request) -> None:
-        assert self.core is not None and self.store is not None
-        a = req.args
-        reuse: dict[str, Any] = {}
-        resumed_from: str | None = a.get("resume")
-        try:
-            doc = a.get("workflow")
-            if resumed_from is not None:
-                loaded = await self.store.load_run(resumed_from)
-                if loaded is None:
-                    return self._refuse(peer, req, f"no run {resumed_from!r}")
-                old, _ = loaded
-                if old["status"] not in ("failed", "rolled_back", "cancelled"):
-                    return self._refuse(peer, req, f"run {resumed_from} is {old['status']}: "
-                                        "only a failed or cancelled run can be resumed")
-                doc = doc or old["manifest"]
-            if doc is None:
-                return self._refuse(peer, req, "deploy needs a workflow or a run to resume")
-            wf = workflow_from_dict(doc, source="<deployed manifest>")
-        except ManifestError as e:
-            return self._refuse(peer, req, str(e))
-        if resumed_from is not None:
-            names = {s.name for s in wf.symbols}
-            reuse = {k: v for k, v in old["outputs"].items() if k in names}
-        elif not a.get("new"):
-            active = self.core.find_active(wf.content_hash)
-            if active is not None:  # the same manifest is running: follow it, do not rerun it
-                if a.get("follow"):
-                    peer.watching.add(active)
-                peer.send(p.Reply(id=req.id, ok=True, data={"run_id": active, "attached": True}))
-                return None
-        run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        if a.get("follow"):
-            peer.watching.add(run_id)
-        self._feed(c.RunSubmitted(run_id, wf, time.time(), reuse, resumed_from))
-        log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
-                 f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "")
-        self._reply_after_commit(peer, req, {"run_id": run_id, "attached": False,
-                                             "reused": len(reuse)})
-        return None
-
-    async def _rollback(self, peer: _Peer, req: p.Request) -> None:
-        assert self.core is not None and self.store is not None
-        run_id = req.args["run_id"]
-        state = self.core.run_state(run_id)
-        if state is not None and state not in c.RUN_FINAL:
-            return self._refuse(peer, req, f"run {run_id} is still {state.value}")
-        row = await self.store.run(run_id)
-        if row is None:
-            return self._refuse(peer, req, f"no run {run_id!r}")
-        if row["status"] not in ("completed", "failed"):
-            return self._refuse(peer, req, f"run {run_id} is {row['status']}: only a completed "
-                                "or failed run can be rolled back")
-        if state is None:
-            await self._restore(run_id)
-        if req.args.get("follow"):
-            peer.watching.add(run_id)
-        self._feed(c.RollbackRequested(run_id, time.time()))
-        log.info("run %s: rollback requested", run_id)
-        self._reply_after_commit(peer, req, {"run_id": run_id})
-        return None
-
-    async def _request(self, peer: _Peer, req: p.Request) -> None:
-        assert self.core is not None and self.store is not None
-        a = req.args
-        if req.op == "deploy":
-            await self._deploy(peer, req)
-        elif req.op == "rollback":
-            await self._rollback(peer, req)
-        elif req.op == "status":
-            data: dict[str, Any] = self.core.snapshot()
-            data["db"] = await self.store.counts()
-            data["db_path"] = self.db_path
-            data["version"] = __version__
-            data["uptime"] = time.time() - self._started
-            peer.send(p.Reply(id=req.id, ok=True, data=data))
-        elif req.op == "run":
-            run: dict[str, Any] | None = await self.store.run(a["run_id"])
-            if run is None:
-                peer.send(p.Reply(id=req.id, ok=False, error=f"no run {a['run_id']!r}", code=2))
-                return
-            run["tasks"] = await self.store.tasks(a["run_id"])
-            peer.send(p.Reply(id=req.id, ok=True, data=run))
-        elif req.op == "runs":
-            peer.send(p.Reply(id=req.id, ok=True,
-                              data={"runs": await self.store.runs(a.get("limit", 20))}))
-        elif req.op == "watch":
-            watched: str | None = a.get("run_id")
-            if watched is None:
-                peer.watch_all = True
-            else:
-                peer.watching.add(watched)
-            state = self.core.run_state(watched) if watched else None
-            if watched and state is None:
-                row = await self.store.run(watched)
-                if row is None:
-                    peer.send(p.Reply(id=req.id, ok=False, error=f"no run {watched!r}", code=2))
-                    return
-                state_text = row["status"]
-            else:
-                state_text = state.value if state else ""
-            peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": state_text}))
 
 
 async def serve_forever(config: Config, *, host: str | None = None, port: int | None = None,

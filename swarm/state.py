@@ -338,6 +338,30 @@ class Store:
                                 (manifest_hash,))
         return rows[0]["run_id"] if rows else None
 
+    async def report_rows(self, run_id: str) -> dict[str, Any] | None:
+        """Everything `report.build` needs about one run."""
+        runs = await self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        if not runs:
+            return None
+        run = runs[0]
+        run["manifest"] = json.loads(run["manifest"])
+        end = run["finished_at"] or time.time()
+        return {
+            "run": run,
+            "tasks": await self.tasks(run_id),
+            "attempts": await self._rows(
+                "SELECT token, task_id, attempt, node, started_at, finished_at, outcome,"
+                " duration_ms FROM attempts WHERE run_id = ? ORDER BY token", (run_id,)),
+            "events": await self.events(run_id),
+            "nodes": await self._rows(
+                "SELECT name, slots, joined_at, left_at FROM nodes WHERE joined_at <= ?"
+                " AND (left_at IS NULL OR left_at >= ?)", (end, run["created_at"])),
+        }
+
+    async def runs_by_status(self) -> dict[str, int]:
+        rows = await self._rows("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
     async def events(self, run_id: str) -> list[dict[str, Any]]:
         rows = await self._rows(
             "SELECT seq, ts, kind, run_id, task_id, symbol, node, attempt, data FROM events"

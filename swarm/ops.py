@@ -1,0 +1,203 @@
+"""What clients may ask of the dispatcher (deploy, status, run control, reports) and the
+HTTP endpoints beside the WebSocket. A mixin of `Dispatcher`: these methods use its core,
+store and send queue, and nothing here touches a socket directly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response
+
+from . import __version__, metrics, report
+from . import core as c
+from . import protocol as p
+from .errors import ManifestError
+from .manifest import workflow_from_dict
+
+if TYPE_CHECKING:
+    from .dispatcher import Dispatcher, _Peer
+
+log = logging.getLogger("swarm.dispatcher")
+
+
+class Operations:
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.d = dispatcher
+
+    def _reply_after_commit(self, peer: _Peer, req: p.Request, data: dict[str, Any]) -> None:
+        """Queued behind the journal entries just fed: sent once they are committed."""
+        self.d._sends.append((peer, p.Reply(id=req.id, ok=True, data=data)))
+        self.d._dirty.set()
+
+    def _refuse(self, peer: _Peer, req: p.Request, error: str, code: int = 2) -> None:
+        peer.send(p.Reply(id=req.id, ok=False, error=error, code=code))
+
+    async def _deploy(self, peer: _Peer, req: p.Request) -> None:
+        assert self.d.core is not None and self.d.store is not None
+        a = req.args
+        reuse: dict[str, Any] = {}
+        resumed_from: str | None = a.get("resume")
+        try:
+            doc = a.get("workflow")
+            if resumed_from is not None:
+                loaded = await self.d.store.load_run(resumed_from)
+                if loaded is None:
+                    return self._refuse(peer, req, f"no run {resumed_from!r}")
+                old, _ = loaded
+                if old["status"] not in ("failed", "rolled_back", "cancelled"):
+                    return self._refuse(peer, req, f"run {resumed_from} is {old['status']}: "
+                                        "only a failed or cancelled run can be resumed")
+                doc = doc or old["manifest"]
+            if doc is None:
+                return self._refuse(peer, req, "deploy needs a workflow or a run to resume")
+            wf = workflow_from_dict(doc, source="<deployed manifest>")
+        except ManifestError as e:
+            return self._refuse(peer, req, str(e))
+        if resumed_from is not None:
+            names = {s.name for s in wf.symbols}
+            reuse = {k: v for k, v in old["outputs"].items() if k in names}
+        elif not a.get("new"):
+            active = self.d.core.find_active(wf.content_hash)
+            if active is not None:  # the same manifest is running: follow it, do not rerun it
+                if a.get("follow"):
+                    peer.watching.add(active)
+                peer.send(p.Reply(id=req.id, ok=True, data={"run_id": active, "attached": True}))
+                return None
+        run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        if a.get("follow"):
+            peer.watching.add(run_id)
+        self.d._feed(c.RunSubmitted(run_id, wf, time.time(), reuse, resumed_from))
+        log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
+                 f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "")
+        self._reply_after_commit(peer, req, {"run_id": run_id, "attached": False,
+                                             "reused": len(reuse)})
+        return None
+
+    async def _rollback(self, peer: _Peer, req: p.Request) -> None:
+        assert self.d.core is not None and self.d.store is not None
+        run_id = req.args["run_id"]
+        state = self.d.core.run_state(run_id)
+        if state is not None and state not in c.RUN_FINAL:
+            return self._refuse(peer, req, f"run {run_id} is still {state.value}")
+        row = await self.d.store.run(run_id)
+        if row is None:
+            return self._refuse(peer, req, f"no run {run_id!r}")
+        if row["status"] not in ("completed", "failed"):
+            return self._refuse(peer, req, f"run {run_id} is {row['status']}: only a completed "
+                                "or failed run can be rolled back")
+        if state is None:
+            await self.d._restore(run_id)
+        if req.args.get("follow"):
+            peer.watching.add(run_id)
+        self.d._feed(c.RollbackRequested(run_id, time.time()))
+        log.info("run %s: rollback requested", run_id)
+        self._reply_after_commit(peer, req, {"run_id": run_id})
+        return None
+
+    async def request(self, peer: _Peer, req: p.Request) -> None:
+        assert self.d.core is not None and self.d.store is not None
+        a = req.args
+        if req.op == "deploy":
+            await self._deploy(peer, req)
+        elif req.op == "rollback":
+            await self._rollback(peer, req)
+        elif req.op in ("pause", "resume", "cancel"):
+            self._control(peer, req)
+        elif req.op == "status":
+            data: dict[str, Any] = self.d.core.snapshot()
+            data["db"] = await self.d.store.counts()
+            data["db_path"] = self.d.db_path
+            data["version"] = __version__
+            data["uptime"] = time.time() - self.d._started
+            peer.send(p.Reply(id=req.id, ok=True, data=data))
+        elif req.op in ("run", "report"):
+            rows = await self.d.store.report_rows(a["run_id"])
+            if rows is None:
+                return self._refuse(peer, req, f"no run {a['run_id']!r}")
+            if req.op == "report":
+                data = report.build(rows["run"], rows["tasks"], rows["attempts"],
+                                    rows["events"], rows["nodes"], time.time())
+            else:
+                data = {k: v for k, v in rows["run"].items() if k != "manifest"}
+                data["tasks"] = rows["tasks"]
+            peer.send(p.Reply(id=req.id, ok=True, data=data))
+        elif req.op == "runs":
+            peer.send(p.Reply(id=req.id, ok=True,
+                              data={"runs": await self.d.store.runs(a.get("limit", 20))}))
+        elif req.op == "watch":
+            await self._watch(peer, req)
+        return None
+
+    def _control(self, peer: _Peer, req: p.Request) -> None:
+        """pause / resume / cancel: journaled like every state change, answered once stored."""
+        assert self.d.core is not None
+        run_id = req.args["run_id"]
+        now = time.time()
+        event: c.Event
+        if req.op == "pause":
+            event = c.RunPaused(run_id, now)
+        elif req.op == "resume":
+            event = c.RunResumed(run_id, now)
+        else:
+            event = c.RunCancelled(run_id, now, rollback=req.args.get("rollback", False))
+        state = self.d.core.run_state(run_id)
+        if state is None or state in c.RUN_FINAL:
+            return self._refuse(peer, req, f"run {run_id!r} is not active")
+        if req.args.get("follow"):
+            peer.watching.add(run_id)
+        try:
+            self.d._feed(event)
+        except c.IllegalTransition as e:
+            return self._refuse(peer, req, str(e))
+        log_op = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}[req.op]
+        self._reply_after_commit(peer, req, {"run_id": run_id, "done": log_op})
+
+    async def _watch(self, peer: _Peer, req: p.Request) -> None:
+        assert self.d.core is not None and self.d.store is not None
+        watched: str | None = req.args.get("run_id")
+        if watched is None:
+            peer.watch_all = True
+            return peer.send(p.Reply(id=req.id, ok=True, data={"run_id": None, "state": ""}))
+        state = self.d.core.run_state(watched)
+        if state is None:
+            row = await self.d.store.run(watched)
+            if row is None:
+                return self._refuse(peer, req, f"no run {watched!r}")
+            state_text = row["status"]
+        else:
+            state_text = state.value
+        peer.watching.add(watched)
+        peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": state_text}))
+        return None
+
+    # --- HTTP beside the WebSocket --------------------------------------------------------
+
+    async def http(self, conn: ServerConnection, request: HttpRequest) -> Response | None:
+        """`GET /healthz` and `GET /metrics`; anything else goes on to the WebSocket."""
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            body = json.dumps({"status": "ok", "version": __version__,
+                               "uptime": time.time() - self.d._started})
+            return _response(200, body, "application/json")
+        if path == "/metrics":
+            assert self.d.core is not None and self.d.store is not None
+            text = metrics.render(self.d.core.snapshot(), await self.d.store.runs_by_status(),
+                                  (self.d.dispatch_latency, self.d.journal_latency),
+                                  time.time() - self.d._started, __version__)
+            return _response(200, text, "text/plain; version=0.0.4; charset=utf-8")
+        return None
+
+
+def _response(status: int, body: str, content_type: str) -> Response:
+    data = body.encode()
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
+                       ("Connection", "close")])
+    reason = {200: "OK"}.get(status, "")
+    return Response(status, reason, headers, data)
