@@ -17,11 +17,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, commands
 from .config import Config, default_config_text, load_config
-from .errors import ConfigError, ConnectionFailed, InputError, SwarmError
-from .model import Workflow
-from .protocol import to_dict
+from .errors import ConfigError, SwarmError
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 RUN_EXIT = {"completed": EXIT_OK}
@@ -77,10 +75,38 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--url")
     sp.add_argument("--json", action="store_true", help="one JSON object per event")
 
+    for name, what in (("pause", "stop new assignments for a run; running symbols finish"),
+                       ("resume", "let a paused run go on"),
+                       ("cancel", "stop a run: terminate its running backends, end it "
+                                  "cancelled")):
+        sp = cmd(name, what)
+        sp.add_argument("run_id")
+        sp.add_argument("config", nargs="?")
+        sp.add_argument("--url")
+        sp.add_argument("--json", action="store_true")
+        if name == "cancel":
+            sp.add_argument("--rollback", action="store_true",
+                            help="also run the rollbacks of the completed symbols")
+
+    sp = cmd("runs", "list runs with status, progress and times")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--url")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--limit", type=int, default=20)
+
+    sp = cmd("report", "a run's execution result: totals, metrics, timeline")
+    sp.add_argument("run_id")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--url")
+    sp.add_argument("--json", action="store_true")
+
     sp = cmd("status", "show nodes, tasks and runs of the running dispatcher")
     sp.add_argument("config", nargs="?")
     sp.add_argument("--url")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    sp.add_argument("--count", type=int, help="stop after this many refreshes")
 
     sp = cmd("config", "write the fully commented default config")
     sp.add_argument("output", nargs="?", help="file to write (default: standard output)")
@@ -155,187 +181,6 @@ def cmd_start_worker(args: argparse.Namespace) -> int:
                              slots=args.slots))
 
 
-# --- clients --------------------------------------------------------------------------
-
-
-def _follow(run_id: str | None, as_json: bool, every: bool = False) -> Callable[[Any], None]:
-    """Print a run's events as they come: notable ones (or `every` one) for humans on
-    stderr, or every one as a JSON line on stdout."""
-    from .console import event_line
-
-    def on_event(ev: Any) -> None:
-        if run_id is not None and ev.run_id != run_id:
-            return
-        if as_json:
-            if every:
-                print(json.dumps(to_dict(ev), default=str), flush=True)
-            return
-        line = event_line(ev, every)
-        if line:
-            print(line, file=sys.stderr if not every else sys.stdout, flush=True)
-
-    return on_event
-
-
-def _lost(run_id: str) -> Callable[[ConnectionFailed], ConnectionFailed]:
-    def wrap(e: ConnectionFailed) -> ConnectionFailed:
-        err = type(e)(f"{e}; run {run_id} goes on: `swarm watch {run_id}` follows it again")
-        return err
-
-    return wrap
-
-
-def _report(run: dict[str, Any], as_json: bool) -> int:
-    if as_json:
-        print(json.dumps(run, indent=2, default=str))
-    else:
-        from .console import console, print_run
-
-        print_run(console(), run)
-    return RUN_EXIT.get(run["status"], EXIT_FAILED)
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    from .client import Client
-    from .manifest import load_manifest
-
-    cfg = _config(args.config_flag or args.config)
-    if args.manifest is None and args.resume is None:
-        raise InputError("deploy needs a MANIFEST (or --resume RUN_ID)")
-    # Validated here first: a bad manifest is never half-sent.
-    workflow = load_manifest(args.manifest) if args.manifest else None
-    url = args.url or cfg.client_url
-
-    async def go() -> int:
-        async with Client(url, token=cfg.security.token, name="swarm-deploy") as c:
-            sub = await c.submit(workflow, follow=not args.detach, new=args.new,
-                                 resume=args.resume)
-            run_id = str(sub["run_id"])
-            if args.detach:
-                print(json.dumps(sub) if args.json else run_id)
-                return EXIT_OK
-            if not args.json:
-                what = (f"attached to run {run_id}, which runs the same manifest already "
-                        "(--new starts another)" if sub.get("attached") else f"run {run_id}")
-                if args.resume:
-                    what += f", resuming {args.resume} ({sub.get('reused', 0)} symbols done)"
-                print(what, file=sys.stderr)
-            try:
-                run = await c.wait(run_id, _follow(run_id, args.json))
-            except ConnectionFailed as e:
-                raise _lost(run_id)(e) from None
-            return _report(run, args.json)
-
-    return _run(go())
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    from .client import Client
-
-    cfg = _config(args.config)
-
-    async def go() -> int:
-        async with Client(args.url or cfg.client_url, token=cfg.security.token,
-                          name="swarm-rollback") as c:
-            await c.rollback(args.run_id, follow=not args.detach)
-            if args.detach:
-                print(args.run_id)
-                return EXIT_OK
-            try:
-                run = await c.wait(args.run_id, _follow(args.run_id, args.json))
-            except ConnectionFailed as e:
-                raise _lost(args.run_id)(e) from None
-            _report(run, args.json)
-            return EXIT_OK if run["status"] == "rolled_back" else EXIT_FAILED
-
-    return _run(go())
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    from .client import Client
-
-    cfg = _config(args.config)
-
-    async def go() -> int:
-        async with Client(args.url or cfg.client_url, token=cfg.security.token,
-                          name="swarm-watch") as c:
-            await c.watch(args.run_id)
-            on_event = _follow(args.run_id, args.json, every=True)
-            if args.run_id is None:
-                async for ev in c.events():
-                    on_event(ev)
-                return EXIT_OK
-            run = await c.wait(args.run_id, on_event)
-            if args.json:
-                print(json.dumps({"summary": run}, default=str))
-                return RUN_EXIT.get(run["status"], EXIT_FAILED)
-            return _report(run, False)
-
-    return _run(go())
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from .client import Client
-
-    cfg = _config(args.config)
-    url = args.url or cfg.client_url
-
-    async def go() -> int:
-        async with Client(url, token=cfg.security.token, name="swarm-status") as c:
-            s = await c.status()
-        if args.json:
-            print(json.dumps(s, indent=2, default=str))
-        else:
-            from .console import console, print_status
-
-            print_status(console(), s)
-        return EXIT_OK
-
-    return _run(go())
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from .local import LocalSwarm
-    from .manifest import load_manifest
-
-    cfg = _config(args.config)
-    _logging(args, cfg, default="warning")
-    workflow = load_manifest(args.manifest)
-    if args.workers < 1:
-        raise ConfigError("--workers must be at least 1")
-
-    async def go() -> int:
-        async with LocalSwarm(cfg, workers=args.workers, slots=args.slots,
-                              db_path=args.db) as ls, ls.client() as c:
-            _check_routable(workflow, (await c.status())["nodes"])
-            run_id = await c.deploy(workflow)
-            if not args.json:
-                print(f"run {run_id}: {workflow.name} {workflow.version}, "
-                      f"{len(workflow.symbols)} symbols on {args.workers} local workers",
-                      file=sys.stderr)
-            run = await ls.wait(c, run_id, _follow(run_id, args.json))
-            return _report(run, args.json)
-
-    return _run(go())
-
-
-def _check_routable(workflow: Workflow, nodes: list[dict[str, Any]]) -> None:
-    """Refuse a run that would wait forever: every backend it needs must be advertised."""
-    have = {cap for n in nodes for cap in n["capabilities"]}
-    missing: dict[str, list[str]] = {}
-    for s in workflow.symbols:
-        for name, dispatch in ((s.name, s.dispatch),
-                               *(((s.rollback.name, s.rollback.dispatch),) if s.rollback else ())):
-            if dispatch not in have:
-                missing.setdefault(dispatch, []).append(name)
-    if missing:
-        lines = [f"no local worker can run dispatch '{d}' (symbols: {', '.join(names)})"
-                 for d, names in missing.items()]
-        raise InputError("; ".join(lines) + f". The workers advertise: {', '.join(sorted(have))}"
-                         ". Configure the backend under [backends] and pass --config; "
-                         "`swarm start-worker --log-level info` says why one is not advertised.")
-
-
 # --- offline --------------------------------------------------------------------------
 
 
@@ -379,13 +224,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    _logging(args, _config(args.config), default="warning")
+    return commands.cmd_run(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "start-dispatcher": cmd_start_dispatcher,
     "start-worker": cmd_start_worker,
-    "deploy": cmd_deploy,
-    "rollback": cmd_rollback,
-    "watch": cmd_watch,
-    "status": cmd_status,
+    "deploy": commands.cmd_deploy,
+    "rollback": commands.cmd_rollback,
+    "watch": commands.cmd_watch,
+    "pause": commands.cmd_control,
+    "resume": commands.cmd_control,
+    "cancel": commands.cmd_control,
+    "runs": commands.cmd_runs,
+    "report": commands.cmd_report,
+    "status": commands.cmd_status,
     "run": cmd_run,
     "config": cmd_config,
     "plan": cmd_plan,

@@ -12,7 +12,16 @@ import time
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from .plan import Plan
@@ -129,12 +138,73 @@ def print_status(out: Console, s: dict[str, Any]) -> None:
     out.print("state DB records: " + ", ".join(f"{k} {v}" for k, v in s["db"].items()))
 
 
+def print_runs(out: Console, runs: list[dict[str, Any]], now: float) -> None:
+    t = Table(box=_box(out), title="runs")
+    for col in ("run", "workflow", "status", "done/total", "started", "duration"):
+        t.add_column(col, justify="right" if col in ("done/total", "duration") else "left")
+    for r in runs:
+        end = r["finished_at"] or now
+        t.add_row(r["run_id"], f"{r['workflow']} {r['version']}", _styled(r["status"]),
+                  f"{r['done']}/{r['total']}",
+                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+                  _fmt_duration(end - r["created_at"]))
+    out.print(t if runs else "no runs yet")
+
+
+def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> None:
+    m = rep["metrics"]
+    out.print(f"[bold]run {rep['run_id']}[/]: {rep['workflow']} {rep['version']} "
+              f"(manifest {rep['manifest_hash'][:12]}), {_styled(rep['status'])}")
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["started_at"]))
+    ended = (time.strftime("%H:%M:%S", time.localtime(rep["finished_at"]))
+             if rep["finished_at"] else "still running")
+    out.print(f"started {started}, ended {ended}; {rep['symbols']} symbols: "
+              + ", ".join(f"{n} {s}" for s, n in rep["totals"].items()))
+    t = Table(box=_box(out), title="metrics", show_header=False)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [
+        ("total duration", _fmt_duration(m["total_duration"])),
+        ("effective duration", _fmt_duration(m["effective_duration"])),
+        ("success rate", f"{m['success_rate']:.1%}"),
+        ("error rate", f"{m['error_rate']:.1%}"),
+        ("throughput", f"{m['throughput']:.2f} symbols/s"),
+        ("attempts / retries", f"{m['attempts']} / {m['retries']}"),
+        ("worker losses", str(m["worker_losses"])),
+        ("worker utilisation", f"{m['utilisation']:.1%} ({m['busy_slot_seconds']:.2f} of "
+                               f"{m['available_slot_seconds']:.2f} slot-seconds)"),
+        ("planned critical path", " -> ".join(m["planned_critical_path"])),
+        ("actual critical path", " -> ".join(m["actual_critical_path"])
+         + f" ({_fmt_duration(m['actual_critical_path_seconds'])})"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
+    b = Table(box=_box(out), title="backends")
+    for col in ("backend", "symbols", "attempts", "busy"):
+        b.add_column(col, justify="left" if col == "backend" else "right")
+    for name, v in m["backends"].items():
+        b.add_row(name, str(int(v["symbols"])), str(int(v["attempts"])),
+                  _fmt_duration(v["busy_seconds"]))
+    out.print(b)
+    tl = Table(box=_box(out), title="timeline")
+    for col in ("t", "event", "symbol", "node", "attempt"):
+        tl.add_column(col, justify="right" if col in ("t", "attempt") else "left")
+    events = rep["timeline"]
+    for e in events[:timeline_rows]:
+        tl.add_row(f"+{e['t']:.3f}s", e["kind"], e["symbol"] or "", e["node"] or "",
+                   str(e["attempt"] or ""))
+    out.print(tl)
+    if len(events) > timeline_rows:
+        out.print(f"({len(events) - timeline_rows} more events: --json shows all)")
+
+
 # Events worth a line while following a run; the rest show in the final table.
 _LINE_EVENTS = {"symbol.failed", "symbol.retrying", "symbol.skipped", "symbol.rolled_back",
                 "rollback.created", "run.halting", "run.rolling_back", "node.lost"}
 
 
-def event_line(ev: Event, every: bool = False) -> str | None:
+def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | None:
     if not every and ev.kind not in _LINE_EVENTS:
         return None
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.ts))
@@ -144,8 +214,8 @@ def event_line(ev: Event, every: bool = False) -> str | None:
         detail = f"{detail}; retry in {ev.data.get('delay', 0):.2f} s"
     if every and ev.node and ev.symbol:
         who = f"{ev.symbol} on {ev.node}"
-    run = f"{ev.run_id} " if every and ev.run_id else ""
-    return f"{stamp} {run}{ev.kind:<18} {who} {detail}".rstrip()
+    run = f"{ev.run_id} " if with_run and ev.run_id else ""
+    return " ".join(x for x in (f"{stamp} {run}{ev.kind:<18}", who, detail) if x).rstrip()
 
 
 def setup_logging(level: str = "info", file: str = "") -> None:
@@ -162,3 +232,83 @@ def setup_logging(level: str = "info", file: str = "") -> None:
     logging.basicConfig(level=lvl, handlers=handlers, force=True)
     for noisy in ("websockets", "aiosqlite"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+
+
+# --- following a run live ---------------------------------------------------------------
+
+_DONE = {"symbol.completed", "symbol.failed", "symbol.skipped", "symbol.cancelled"}
+_ALERTS = {"symbol.failed", "symbol.retrying", "node.lost", "run.halting", "run.paused",
+           "run.resumed", "run.cancelling"}
+
+
+class Follower:
+    """A run as it happens. On a terminal: a live progress bar (done/total, rate, ETA), the
+    running symbols with node and elapsed time, and failures printed as they happen.
+    Elsewhere: one plain line per event, no control codes."""
+
+    def __init__(self, out: Console, run_id: str, total: int, done: int = 0) -> None:
+        self.out = out
+        self.run_id = run_id
+        self.total = total
+        self.done = done
+        self.failed = 0
+        self.running: dict[str, tuple[str, float]] = {}  # task id -> (node, since)
+        self.live_mode = out.is_terminal
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+            TimeElapsedColumn(), console=out)
+        self._bar = self._progress.add_task(run_id, total=total, completed=done, rate="")
+        self._started = time.monotonic()
+        self._live: Live | None = None
+
+    def __enter__(self) -> Follower:
+        if self.live_mode:
+            self._live = Live(self, console=self.out, refresh_per_second=8, transient=True)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+    def __rich__(self) -> Group:
+        elapsed = time.monotonic() - self._started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        self._progress.update(self._bar, completed=self.done, rate=f"{rate:.1f}/s")
+        parts: list[Any] = [self._progress]
+        if self.running:
+            t = Table(box=box.SIMPLE, show_header=True, header_style="dim")
+            for col in ("running", "node", "elapsed"):
+                t.add_column(col)
+            now = time.time()
+            shown = sorted(self.running.items(), key=lambda kv: kv[1][1])[:15]
+            for task_id, (node, since) in shown:
+                t.add_row(task_id.split("/", 1)[-1], node, _fmt_duration(now - since))
+            if len(self.running) > 15:
+                t.add_row(f"... {len(self.running) - 15} more", "", "")
+            parts.append(t)
+        return Group(*parts)
+
+    def on_event(self, ev: Event) -> None:
+        if ev.run_id is not None and ev.run_id != self.run_id:
+            return
+        tid = ev.task_id or ""
+        main = not tid.endswith("/rollback")
+        if ev.kind == "symbol.started" or ev.kind == "symbol.adopted":
+            self.running[tid] = (ev.node or "-", ev.ts)
+        elif ev.kind in _DONE or ev.kind in ("symbol.retrying", "attempt.lost"):
+            self.running.pop(tid, None)
+            if ev.kind in _DONE and main:
+                self.done += 1
+                self.failed += ev.kind == "symbol.failed"
+        if not self.live_mode:
+            line = event_line(ev, every=True)
+            if line:
+                self.out.print(line, markup=False, highlight=False)
+        elif ev.kind in _ALERTS:
+            line = event_line(ev, every=True)
+            if line:
+                self.out.print(f"[red]{line}[/]" if ev.kind == "symbol.failed" else line,
+                               markup=True, highlight=False)

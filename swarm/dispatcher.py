@@ -283,8 +283,8 @@ class Dispatcher:
             if not targets:
                 continue
             data = {k: v for k, v in r.data.items() if k not in ("manifest", "stderr")}
-            ev = p.Event(kind=r.kind, ts=r.ts, run_id=r.run_id, symbol=r.symbol, node=r.node,
-                         attempt=r.attempt, data=data)
+            ev = p.Event(kind=r.kind, ts=r.ts, run_id=r.run_id, task_id=r.task_id,
+                         symbol=r.symbol, node=r.node, attempt=r.attempt, data=data)
             for peer in targets:
                 peer.publish(ev)
 

@@ -158,6 +158,7 @@ class Event:
     kind: str
     ts: float
     run_id: str | None = None
+    task_id: str | None = None
     symbol: str | None = None
     node: str | None = None
     attempt: int | None = None

@@ -231,9 +231,19 @@ def write_manifest(folder: Path, text: str, name: str = "wf.yaml") -> Path:
     return path
 
 
-def result_json(cp: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+def ndjson(cp: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """Every line of a `--json` follower's output, each one JSON object."""
     try:
-        return json.loads(cp.stdout)  # type: ignore[no-any-return]
+        return [json.loads(line) for line in cp.stdout.splitlines()]
     except json.JSONDecodeError:
+        raise AssertionError(
+            f"not NDJSON (exit {cp.returncode}):\n{cp.stdout}\n{cp.stderr}") from None
+
+
+def result_json(cp: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The run record from the last line of a `--json` follower (`{"summary": ...}`)."""
+    try:
+        return json.loads(cp.stdout.splitlines()[-1])["summary"]  # type: ignore[no-any-return]
+    except (json.JSONDecodeError, IndexError, KeyError):
         raise AssertionError(
             f"not JSON (exit {cp.returncode}):\n{cp.stdout}\n{cp.stderr}") from None

@@ -1,0 +1,260 @@
+"""The CLI commands that talk to a dispatcher: thin users of `swarm.client.Client` (and of
+`LocalSwarm` for `swarm run`). Humans get rich output; `--json` gets one JSON object per
+line: the run's events as they happen, then `{"summary": ...}`, and nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .client import Client
+from .config import Config, load_config
+from .errors import ConfigError, ConnectionFailed, InputError
+from .model import Workflow
+from .protocol import Event, to_dict
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+def _client(args: argparse.Namespace, cfg: Config, name: str) -> Client:
+    return Client(args.url or cfg.client_url, token=cfg.security.token, name=name)
+
+
+def exit_code(run: dict[str, Any]) -> int:
+    return EXIT_OK if run["status"] == "completed" else EXIT_FAILED
+
+
+def event_json(ev: Event) -> dict[str, Any]:
+    d = to_dict(ev)
+    d["event"] = d.pop("t") and d.pop("kind")
+    return d
+
+
+async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = None,
+                 wait: Callable[..., Coroutine[Any, Any, dict[str, Any]]] | None = None
+                 ) -> dict[str, Any]:
+    """Follow a run to its end, live for humans or as NDJSON; print its result."""
+    wait = wait or c.wait
+    try:
+        if as_json:
+            def line(ev: Event) -> None:
+                if ev.run_id == run_id:
+                    print(json.dumps(event_json(ev), default=str), flush=True)
+
+            run = await wait(run_id, line)
+            print(json.dumps({"summary": run}, default=str), flush=True)
+            return run
+        from .console import Follower, console, print_run
+
+        done = 0
+        if total is None:
+            tasks = [t for t in (await c.run(run_id))["tasks"] if t["kind"] == "main"]
+            total = len(tasks)
+            done = sum(t["state"] not in ("pending", "ready", "running", "retrying")
+                       for t in tasks)
+        out = console()
+        with Follower(out, run_id, total, done) as f:
+            run = await wait(run_id, f.on_event)
+        print_run(out, run)
+        return run
+    except ConnectionFailed as e:
+        raise type(e)(f"{e}; run {run_id} goes on: `swarm watch {run_id}` follows it "
+                      "again") from None
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .manifest import load_manifest
+
+    cfg = load_config(args.config_flag or args.config)
+    if args.manifest is None and args.resume is None:
+        raise InputError("deploy needs a MANIFEST (or --resume RUN_ID)")
+    # Validated here first: a bad manifest is never half-sent.
+    workflow = load_manifest(args.manifest) if args.manifest else None
+
+    async def go() -> int:
+        async with _client(args, cfg, "swarm-deploy") as c:
+            sub = await c.submit(workflow, follow=not args.detach, new=args.new,
+                                 resume=args.resume)
+            run_id = str(sub["run_id"])
+            if args.detach:
+                print(json.dumps(sub) if args.json else run_id)
+                return EXIT_OK
+            if not args.json:
+                what = (f"attached to run {run_id}, which runs the same manifest already "
+                        "(--new starts another)" if sub.get("attached") else f"run {run_id}")
+                if args.resume:
+                    what += f", resuming {args.resume} ({sub.get('reused', 0)} symbols done)"
+                print(what, file=sys.stderr)
+            total = len(workflow.symbols) if workflow and not sub.get("attached") else None
+            return exit_code(await follow(c, run_id, args.json, total=total))
+
+    return _run(go())
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+
+    async def go() -> int:
+        async with _client(args, cfg, "swarm-rollback") as c:
+            await c.rollback(args.run_id, follow=not args.detach)
+            if args.detach:
+                print(args.run_id)
+                return EXIT_OK
+            run = await follow(c, args.run_id, args.json)
+            return EXIT_OK if run["status"] == "rolled_back" else EXIT_FAILED
+
+    return _run(go())
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """pause / resume / cancel RUN_ID."""
+    cfg = load_config(args.config)
+
+    async def go() -> int:
+        async with _client(args, cfg, f"swarm-{args.command}") as c:
+            extra = {"rollback": args.rollback} if args.command == "cancel" else {}
+            data = await c.request(args.command, run_id=args.run_id, **extra)
+            print(json.dumps(data) if args.json else f"run {args.run_id}: {data['done']}")
+        return EXIT_OK
+
+    return _run(go())
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+
+    async def go() -> int:
+        async with _client(args, cfg, "swarm-watch") as c:
+            await c.watch(args.run_id)
+            if args.run_id is not None:
+                return exit_code(await follow(c, args.run_id, args.json))
+            from .console import event_line
+
+            async for ev in c.events():  # the whole cluster, until interrupted
+                if args.json:
+                    print(json.dumps(event_json(ev), default=str), flush=True)
+                elif (line := event_line(ev, every=True, with_run=True)) is not None:
+                    print(line, flush=True)
+            return EXIT_OK
+
+    return _run(go())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .console import console, print_status
+
+    cfg = load_config(args.config)
+    out = console()
+
+    async def go() -> int:
+        async with _client(args, cfg, "swarm-status") as c:
+            if not args.watch:
+                s = await c.status()
+                if args.json:
+                    print(json.dumps(s, indent=2, default=str))
+                else:
+                    print_status(out, s)
+                return EXIT_OK
+            shown = 0
+            while args.count is None or shown < args.count:
+                s = await c.status()
+                if args.json:
+                    print(json.dumps(s, default=str), flush=True)
+                else:
+                    if out.is_terminal:
+                        out.clear()
+                    print_status(out, s)
+                shown += 1
+                if args.count is None or shown < args.count:
+                    await asyncio.sleep(args.interval)
+            return EXIT_OK
+
+    return _run(go())
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .console import console, print_runs
+
+    cfg = load_config(args.config)
+
+    async def go() -> int:
+        async with _client(args, cfg, "swarm-runs") as c:
+            runs = (await c.request("runs", limit=args.limit))["runs"]
+        if args.json:
+            print(json.dumps(runs, indent=2, default=str))
+        else:
+            print_runs(console(), runs, time.time())
+        return EXIT_OK
+
+    return _run(go())
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .console import console, print_report
+
+    cfg = load_config(args.config)
+
+    async def go() -> int:
+        async with _client(args, cfg, "swarm-report") as c:
+            rep = await c.request("report", run_id=args.run_id)
+        if args.json:
+            print(json.dumps(rep, indent=2, default=str))
+        else:
+            print_report(console(), rep)
+        return EXIT_OK
+
+    return _run(go())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .local import LocalSwarm
+    from .manifest import load_manifest
+
+    cfg = load_config(args.config)
+    workflow = load_manifest(args.manifest)
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+
+    async def go() -> int:
+        async with LocalSwarm(cfg, workers=args.workers, slots=args.slots,
+                              db_path=args.db) as ls, ls.client() as c:
+            check_routable(workflow, (await c.status())["nodes"])
+            run_id = await c.deploy(workflow)
+            if not args.json:
+                print(f"run {run_id}: {workflow.name} {workflow.version}, "
+                      f"{len(workflow.symbols)} symbols on {args.workers} local workers",
+                      file=sys.stderr)
+
+            async def wait(rid: str, on_event: Any) -> dict[str, Any]:
+                return await ls.wait(c, rid, on_event)
+
+            run = await follow(c, run_id, args.json, total=len(workflow.symbols), wait=wait)
+            return exit_code(run)
+
+    return _run(go())
+
+
+def check_routable(workflow: Workflow, nodes: list[dict[str, Any]]) -> None:
+    """Refuse a run that would wait forever: every backend it needs must be advertised."""
+    have = {cap for n in nodes for cap in n["capabilities"]}
+    missing: dict[str, list[str]] = {}
+    for s in workflow.symbols:
+        for name, dispatch in ((s.name, s.dispatch),
+                               *(((s.rollback.name, s.rollback.dispatch),) if s.rollback else ())):
+            if dispatch not in have:
+                missing.setdefault(dispatch, []).append(name)
+    if missing:
+        lines = [f"no local worker can run dispatch '{d}' (symbols: {', '.join(names)})"
+                 for d, names in missing.items()]
+        raise InputError("; ".join(lines) + f". The workers advertise: {', '.join(sorted(have))}"
+                         ". Configure the backend under [backends] and pass --config; "
+                         "`swarm start-worker --log-level info` says why one is not advertised.")
