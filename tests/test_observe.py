@@ -183,7 +183,8 @@ def test_cancel_terminates_running_backends_and_can_roll_back(cluster: Cluster,
 @pytest.mark.e2e
 def test_report_figures_of_a_workflow_with_known_durations(cluster: Cluster,
                                                            tmp_path: Path) -> None:
-    cluster.start_dispatcher()
+    port = free_port()
+    cluster.start_dispatcher(port=port)
     cluster.start_worker("w1", slots=1)
     cluster.start_worker("w2", slots=1)
     m = write_manifest(tmp_path, """
@@ -196,6 +197,8 @@ def test_report_figures_of_a_workflow_with_known_durations(cluster: Cluster,
           - {name: d, type: action, dependencies: [b, c], parameters: {handler: delay, ms: 300}}
     """)
     run_id = result_json(cluster.deploy(m))["run_id"]
+    assert cluster.stop("dispatcher") == 0  # the report comes from the state DB
+    cluster.start_dispatcher(port=port)
     cp = cluster.cli("report", run_id, "--url", cluster.url, "--json")
     assert cp.returncode == 0, cp.stderr
     rep = json.loads(cp.stdout)
