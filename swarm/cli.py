@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", dest="name_flag", help="node name (same as NAME)")
     sp.add_argument("--url", help="dispatcher URL (default SWARM_URL or [worker] dispatcher_url)")
     sp.add_argument("--slots", type=int, help="symbols run at once (max_concurrent_tasks)")
+    sp.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                    help="import a module first (to register @swarm.handler functions)")
 
     sp = cmd("deploy", "submit a manifest to the running dispatcher and follow the run")
     sp.add_argument("manifest", nargs="?", help="the workflow (optional with --resume)")
@@ -177,6 +180,11 @@ def cmd_start_worker(args: argparse.Namespace) -> int:
     _logging(args, cfg)
     if args.slots is not None and args.slots < 1:
         raise ConfigError("--slots must be at least 1")
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"--import {module}: {e}") from None
     return _run(serve_worker(cfg, name=args.name_flag or args.name, url=args.url,
                              slots=args.slots))
 

@@ -1,8 +1,14 @@
-"""A client of the dispatcher: what `swarm deploy`, `swarm status` and scripts use.
+"""The Python API to a running dispatcher; the CLI is a thin user of it.
 
-    async with Client(url, token=...) as c:
-        run_id = await c.deploy(workflow)
-        result = await c.wait(run_id)
+    async with swarm.Client("ws://127.0.0.1:8080", token=...) as c:
+        run = await c.deploy("workflow.yaml")        # a path, or a swarm.Workflow
+        async for update in run.watch():             # progress until the run ends
+            print(f"{update.percentage:.0f}%", update.running)
+        result = await run.wait()                    # a RunResult
+        report = await c.report(run.run_id)
+
+Errors are `swarm.SwarmError`s: `DispatcherUnreachable` / `AuthenticationFailed`
+(exit code 3 in the CLI), `ManifestError` (2), `RequestRefused` (the dispatcher said no).
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -28,9 +36,9 @@ from .errors import (
     RequestRefused,
 )
 from .model import Workflow
+from .results import FINAL_RUN_EVENTS, FINAL_RUN_STATES, ProgressTracker, RunResult, RunUpdate
 
-FINAL_RUN_STATES = frozenset({"completed", "failed", "rolled_back", "cancelled"})
-FINAL_RUN_EVENTS = frozenset(f"run.{s}" for s in FINAL_RUN_STATES)
+EVENT_BACKLOG = 10_000  # events kept per run until someone listens for them
 
 
 class Client:
@@ -45,7 +53,10 @@ class Client:
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[p.Reply]] = {}
-        self._events: asyncio.Queue[p.Event | None] = asyncio.Queue()
+        # Every event goes to each listener; with none listening, it waits in its run's
+        # backlog so that a listener started a little late misses nothing.
+        self._listeners: list[tuple[str | None, asyncio.Queue[p.Event | None]]] = []
+        self._backlog: dict[str | None, deque[p.Event]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._closed_error: Exception | None = None
 
@@ -115,7 +126,7 @@ class Client:
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
                 elif isinstance(msg, p.Event):
-                    self._events.put_nowait(msg)
+                    self._dispatch_event(msg)
         except ConnectionClosed:
             pass
         except RemoteProtocolError as e:
@@ -125,7 +136,17 @@ class Client:
             if not fut.done():
                 fut.set_exception(error)
         self._pending.clear()
-        self._events.put_nowait(None)
+        for _, queue in self._listeners:
+            queue.put_nowait(None)
+
+    def _dispatch_event(self, ev: p.Event) -> None:
+        heard = False
+        for run_id, queue in self._listeners:
+            if run_id is None or run_id == ev.run_id:
+                queue.put_nowait(ev)
+                heard = heard or run_id == ev.run_id
+        if not heard:
+            self._backlog.setdefault(ev.run_id, deque(maxlen=EVENT_BACKLOG)).append(ev)
 
     async def request(self, op: str, **args: Any) -> Any:
         """Send a request and return its reply's data; refusals raise RequestRefused."""
@@ -144,25 +165,31 @@ class Client:
                                         f"{self.url}") from None
         reply = await fut
         if not reply.ok:
-            if reply.code == 2 and op == "deploy":
-                raise ManifestError([Problem(reply.error, file="<dispatcher>")])
+            if isinstance(reply.data, dict) and isinstance(reply.data.get("problems"), list):
+                raise ManifestError([Problem(**pr) for pr in reply.data["problems"]])
             err = RequestRefused(reply.error)
             err.exit_code = reply.code or 2
             raise err
         return reply.data
 
-    async def events(self) -> AsyncIterator[p.Event]:
-        """Events of the runs this client watches, until the connection ends."""
-        while True:
-            ev = await self._events.get()
-            if ev is None:
-                self._events.put_nowait(None)
-                if self._closed_error is not None:
-                    raise self._closed_error
-                return
-            yield ev
+    async def events(self, run_id: str | None = None) -> AsyncGenerator[p.Event, None]:
+        """Events of one watched run (or of all), until the connection ends."""
+        queue: asyncio.Queue[p.Event | None] = asyncio.Queue()
+        for old in self._backlog.pop(run_id, ()) if run_id is not None else ():
+            queue.put_nowait(old)
+        if self._closed_error is not None:
+            queue.put_nowait(None)
+        entry = (run_id, queue)
+        self._listeners.append(entry)
+        try:
+            while (ev := await queue.get()) is not None:
+                yield ev
+            if self._closed_error is not None:
+                raise self._closed_error
+        finally:
+            self._listeners.remove(entry)
 
-    # --- conveniences -----------------------------------------------------------------
+    # --- runs ---------------------------------------------------------------------------
 
     async def submit(self, workflow: Workflow | None, *, follow: bool = True, new: bool = False,
                      resume: str | None = None) -> dict[str, Any]:
@@ -176,31 +203,128 @@ class Client:
         data: dict[str, Any] = await self.request("deploy", **args)
         return data
 
-    async def deploy(self, workflow: Workflow, *, follow: bool = True) -> str:
-        return str((await self.submit(workflow, follow=follow))["run_id"])
+    async def deploy(self, source: Workflow | str | os.PathLike[str], *, new: bool = False,
+                     resume_from: str | None = None) -> Run:
+        """Start a run of a manifest file or a `Workflow` built in code. A manifest whose
+        run is still active is attached to instead (unless `new`); `resume_from` reuses
+        what completed in that failed or cancelled run."""
+        if isinstance(source, Workflow):
+            workflow = source
+        else:
+            from .manifest import load_manifest
 
-    async def rollback(self, run_id: str, *, follow: bool = True) -> None:
-        await self.request("rollback", run_id=run_id, follow=follow)
+            workflow = load_manifest(Path(source))
+        data = await self.submit(workflow, new=new, resume=resume_from)
+        return Run(self, str(data["run_id"]), total=len(workflow.symbols),
+                   attached=bool(data.get("attached")))
+
+    def run_handle(self, run_id: str) -> Run:
+        """A `Run` for a run started elsewhere (to wait for it, watch it, steer it)."""
+        return Run(self, run_id)
 
     async def status(self) -> dict[str, Any]:
         data: dict[str, Any] = await self.request("status")
         return data
 
+    async def runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        data: dict[str, Any] = await self.request("runs", limit=limit)
+        return list(data["runs"])
+
     async def run(self, run_id: str) -> dict[str, Any]:
+        """The run's record as the dispatcher stores it (status, tasks)."""
         data: dict[str, Any] = await self.request("run", run_id=run_id)
         return data
 
-    async def watch(self, run_id: str | None = None) -> str:
+    async def report(self, run_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = await self.request("report", run_id=run_id)
+        return data
+
+    async def pause(self, run_id: str) -> None:
+        await self.request("pause", run_id=run_id)
+
+    async def resume(self, run_id: str) -> None:
+        """Let a paused run go on (to re-run a failed one, `deploy(..., resume_from=)`)."""
+        await self.request("resume", run_id=run_id)
+
+    async def cancel(self, run_id: str, *, rollback: bool = False) -> None:
+        await self.request("cancel", run_id=run_id, rollback=rollback)
+
+    async def rollback(self, run_id: str, *, follow: bool = True) -> Run:
+        await self.request("rollback", run_id=run_id, follow=follow)
+        return Run(self, run_id)
+
+    async def subscribe(self, run_id: str | None = None) -> str:
+        """Ask for a run's events (or every event); returns the run's current status."""
         data = await self.request("watch", **({"run_id": run_id} if run_id else {}))
         return str(data.get("state", ""))
 
-    async def wait(self, run_id: str, on_event: Any = None) -> dict[str, Any]:
-        """Follow a run (deployed with follow=True, or watched) to its end; return its record."""
-        if (await self.run(run_id))["status"] in FINAL_RUN_STATES:
-            return await self.run(run_id)
-        async for ev in self.events():
-            if on_event is not None:
-                on_event(ev)
-            if ev.run_id == run_id and ev.kind in FINAL_RUN_EVENTS:
-                break
+    async def follow(self, run_id: str, on_event: Callable[[p.Event], Any] | None = None
+                     ) -> dict[str, Any]:
+        """Follow a run to its end, calling `on_event` for each event; return its record."""
+        events = self.events(run_id)
+        try:
+            if await self.subscribe(run_id) not in FINAL_RUN_STATES:
+                async for ev in events:
+                    if on_event is not None:
+                        on_event(ev)
+                    if ev.kind in FINAL_RUN_EVENTS:
+                        break
+        finally:
+            await events.aclose()
         return await self.run(run_id)
+
+    async def wait(self, run_id: str) -> RunResult:
+        """Wait for a run to end; its result."""
+        return RunResult.from_record(await self.follow(run_id))
+
+    async def watch(self, run_id: str) -> AsyncIterator[RunUpdate]:
+        """Progress of a run, one update per event, until it ends (the last update is final)."""
+        rec = await self.run(run_id)
+        main = [t for t in rec["tasks"] if t["kind"] == "main"]
+        done = sum(t["state"] not in ("pending", "ready", "running", "retrying") for t in main)
+        tracker = ProgressTracker(run_id, len(main), done, rec["status"])
+        events = self.events(run_id)
+        try:
+            if await self.subscribe(run_id) in FINAL_RUN_STATES:
+                tracker.status = (await self.run(run_id))["status"]
+                yield tracker.update(None)
+                return
+            async for ev in events:
+                tracker.on_event(ev)
+                yield tracker.update(ev)
+                if ev.kind in FINAL_RUN_EVENTS:
+                    return
+        finally:
+            await events.aclose()
+
+
+class Run:
+    """A handle on one run: wait for it, watch it, steer it."""
+
+    def __init__(self, client: Client, run_id: str, *, total: int | None = None,
+                 attached: bool = False) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.total = total
+        self.attached = attached  # the same manifest was running already: this is that run
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r})"
+
+    async def wait(self) -> RunResult:
+        return await self.client.wait(self.run_id)
+
+    def watch(self) -> AsyncIterator[RunUpdate]:
+        return self.client.watch(self.run_id)
+
+    async def report(self) -> dict[str, Any]:
+        return await self.client.report(self.run_id)
+
+    async def pause(self) -> None:
+        await self.client.pause(self.run_id)
+
+    async def resume(self) -> None:
+        await self.client.resume(self.run_id)
+
+    async def cancel(self, *, rollback: bool = False) -> None:
+        await self.client.cancel(self.run_id, rollback=rollback)

@@ -9,7 +9,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from .client import Client
@@ -39,11 +39,10 @@ def event_json(ev: Event) -> dict[str, Any]:
     return d
 
 
-async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = None,
-                 wait: Callable[..., Coroutine[Any, Any, dict[str, Any]]] | None = None
+async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = None
                  ) -> dict[str, Any]:
     """Follow a run to its end, live for humans or as NDJSON; print its result."""
-    wait = wait or c.wait
+    wait = c.follow
     try:
         if as_json:
             def line(ev: Event) -> None:
@@ -134,7 +133,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with _client(args, cfg, "swarm-watch") as c:
-            await c.watch(args.run_id)
+            await c.subscribe(args.run_id)
             if args.run_id is not None:
                 return exit_code(await follow(c, args.run_id, args.json))
             from .console import event_line
@@ -226,19 +225,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with LocalSwarm(cfg, workers=args.workers, slots=args.slots,
-                              db_path=args.db) as ls, ls.client() as c:
+                              db_path=args.db) as ls:
+            c = ls.client
             check_routable(workflow, (await c.status())["nodes"])
-            run_id = await c.deploy(workflow)
+            run = await c.deploy(workflow)
             if not args.json:
-                print(f"run {run_id}: {workflow.name} {workflow.version}, "
+                print(f"run {run.run_id}: {workflow.name} {workflow.version}, "
                       f"{len(workflow.symbols)} symbols on {args.workers} local workers",
                       file=sys.stderr)
-
-            async def wait(rid: str, on_event: Any) -> dict[str, Any]:
-                return await ls.wait(c, rid, on_event)
-
-            run = await follow(c, run_id, args.json, total=len(workflow.symbols), wait=wait)
-            return exit_code(run)
+            return exit_code(await follow(c, run.run_id, args.json,
+                                          total=len(workflow.symbols)))
 
     return _run(go())
 

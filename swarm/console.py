@@ -26,6 +26,7 @@ from rich.table import Table
 
 from .plan import Plan
 from .protocol import Event
+from .results import ProgressTracker
 
 STATE_STYLE = {
     "completed": "green", "running": "cyan", "ready": "blue", "pending": "dim",
@@ -236,7 +237,6 @@ def setup_logging(level: str = "info", file: str = "") -> None:
 
 # --- following a run live ---------------------------------------------------------------
 
-_DONE = {"symbol.completed", "symbol.failed", "symbol.skipped", "symbol.cancelled"}
 _ALERTS = {"symbol.failed", "symbol.retrying", "node.lost", "run.halting", "run.paused",
            "run.resumed", "run.cancelling"}
 
@@ -248,18 +248,13 @@ class Follower:
 
     def __init__(self, out: Console, run_id: str, total: int, done: int = 0) -> None:
         self.out = out
-        self.run_id = run_id
-        self.total = total
-        self.done = done
-        self.failed = 0
-        self.running: dict[str, tuple[str, float]] = {}  # task id -> (node, since)
+        self.progress = ProgressTracker(run_id, total, done)
         self.live_mode = out.is_terminal
-        self._progress = Progress(
+        self._bar_view = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
             TimeElapsedColumn(), console=out)
-        self._bar = self._progress.add_task(run_id, total=total, completed=done, rate="")
-        self._started = time.monotonic()
+        self._bar = self._bar_view.add_task(run_id, total=total, completed=done, rate="")
         self._live: Live | None = None
 
     def __enter__(self) -> Follower:
@@ -274,35 +269,25 @@ class Follower:
             self._live = None
 
     def __rich__(self) -> Group:
-        elapsed = time.monotonic() - self._started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        self._progress.update(self._bar, completed=self.done, rate=f"{rate:.1f}/s")
-        parts: list[Any] = [self._progress]
-        if self.running:
+        pr = self.progress
+        self._bar_view.update(self._bar, completed=pr.completed, rate=f"{pr.rate:.1f}/s")
+        parts: list[Any] = [self._bar_view]
+        if pr.running:
             t = Table(box=box.SIMPLE, show_header=True, header_style="dim")
             for col in ("running", "node", "elapsed"):
                 t.add_column(col)
             now = time.time()
-            shown = sorted(self.running.items(), key=lambda kv: kv[1][1])[:15]
-            for task_id, (node, since) in shown:
-                t.add_row(task_id.split("/", 1)[-1], node, _fmt_duration(now - since))
-            if len(self.running) > 15:
-                t.add_row(f"... {len(self.running) - 15} more", "", "")
+            shown = sorted(pr.running.values(), key=lambda v: v[2])[:15]
+            for symbol, node, since in shown:
+                t.add_row(symbol, node, _fmt_duration(now - since))
+            if len(pr.running) > 15:
+                t.add_row(f"... {len(pr.running) - 15} more", "", "")
             parts.append(t)
         return Group(*parts)
 
     def on_event(self, ev: Event) -> None:
-        if ev.run_id is not None and ev.run_id != self.run_id:
+        if not self.progress.on_event(ev):
             return
-        tid = ev.task_id or ""
-        main = not tid.endswith("/rollback")
-        if ev.kind == "symbol.started" or ev.kind == "symbol.adopted":
-            self.running[tid] = (ev.node or "-", ev.ts)
-        elif ev.kind in _DONE or ev.kind in ("symbol.retrying", "attempt.lost"):
-            self.running.pop(tid, None)
-            if ev.kind in _DONE and main:
-                self.done += 1
-                self.failed += ev.kind == "symbol.failed"
         if not self.live_mode:
             line = event_line(ev, every=True)
             if line:

@@ -259,6 +259,8 @@ class Dispatcher:
             log.critical("cannot write the state database: %s", e)
             self.failed = e
             self.stopped.set()
+            if self._server is not None:
+                self._server.close()  # every peer sees the dispatcher go
 
     async def _tick_loop(self) -> None:
         assert self.core is not None

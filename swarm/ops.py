@@ -4,6 +4,7 @@ store and send queue, and nothing here touches a socket directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -36,8 +37,9 @@ class Operations:
         self.d._sends.append((peer, p.Reply(id=req.id, ok=True, data=data)))
         self.d._dirty.set()
 
-    def _refuse(self, peer: _Peer, req: p.Request, error: str, code: int = 2) -> None:
-        peer.send(p.Reply(id=req.id, ok=False, error=error, code=code))
+    def _refuse(self, peer: _Peer, req: p.Request, error: str, code: int = 2,
+                data: dict[str, Any] | None = None) -> None:
+        peer.send(p.Reply(id=req.id, ok=False, error=error, code=code, data=data))
 
     async def _deploy(self, peer: _Peer, req: p.Request) -> None:
         assert self.d.core is not None and self.d.store is not None
@@ -58,8 +60,9 @@ class Operations:
             if doc is None:
                 return self._refuse(peer, req, "deploy needs a workflow or a run to resume")
             wf = workflow_from_dict(doc, source="<deployed manifest>")
-        except ManifestError as e:
-            return self._refuse(peer, req, str(e))
+        except ManifestError as e:  # the problems go back whole: the client raises them
+            return self._refuse(peer, req, str(e), data={
+                "problems": [dataclasses.asdict(pr) for pr in e.problems]})
         if resumed_from is not None:
             names = {s.name for s in wf.symbols}
             reuse = {k: v for k, v in old["outputs"].items() if k in names}

@@ -87,9 +87,20 @@ class Worker:
         self._flush_scheduled = False
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
+        self._task: asyncio.Task[int] | None = None
         self.completed = 0
 
     # --- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        """Run in the background of this process (handlers registered here are used)."""
+        self._task = asyncio.get_running_loop().create_task(self.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.request_stop()
+        if self._task is not None:
+            await self._task
 
     def request_stop(self) -> None:
         """Stop taking work; running symbols get `shutdown_grace` to finish."""

@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -50,7 +51,31 @@ def register(name: str, fn: Handler) -> None:
         raise ValueError("a handler needs a name")
     if not callable(fn):
         raise TypeError(f"handler {name!r} is not callable: {fn!r}")
-    _HANDLERS[name] = fn
+    _HANDLERS[name] = _two_arguments(fn)
+
+
+def _two_arguments(fn: Handler) -> Handler:
+    """Handlers may take just the parameters; the registry always calls (params, inv)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or an odd callable: leave it as it is
+        return fn
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) != 1 or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return fn
+    one = typing.cast(Callable[[dict[str, Any]], Any], fn)
+    if inspect.iscoroutinefunction(fn):
+
+        async def call_async(parameters: dict[str, Any], inv: Invocation) -> Any:
+            return await one(parameters)
+
+        return call_async
+
+    def call(parameters: dict[str, Any], inv: Invocation) -> Any:
+        return one(parameters)
+
+    call.__name__ = getattr(fn, "__name__", "handler")
+    return call
 
 
 def handler(name: str) -> Callable[[H], H]:

@@ -1,0 +1,150 @@
+"""What a client gets back about runs: the result of a finished run, live progress
+updates, and the tracker that turns a run's events into progress (shared by
+`Client.watch` and the CLI's live display)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import Event
+
+FINAL_RUN_STATES = frozenset({"completed", "failed", "rolled_back", "cancelled"})
+FINAL_RUN_EVENTS = frozenset(f"run.{s}" for s in FINAL_RUN_STATES)
+_DONE = frozenset({"symbol.completed", "symbol.failed", "symbol.skipped", "symbol.cancelled"})
+_UNDONE = frozenset({"symbol.retrying", "attempt.lost"})
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolOutcome:
+    symbol: str
+    kind: str  # main | rollback
+    state: str
+    node: str | None
+    attempts: int
+    duration: float | None  # seconds from its first start to its end
+    output: Any
+    error: str | None
+    parent: str | None = None  # for a rollback: the symbol it undid
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """A run's record: its status and every symbol's outcome."""
+
+    run_id: str
+    workflow: str
+    version: str
+    status: str
+    started_at: float
+    finished_at: float | None
+    symbols: tuple[SymbolOutcome, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL_RUN_STATES
+
+    def symbol(self, name: str) -> SymbolOutcome:
+        for s in self.symbols:
+            if s.symbol == name and s.kind == "main":
+                return s
+        raise KeyError(name)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> RunResult:
+        return cls(
+            run_id=rec["run_id"], workflow=rec["workflow"], version=rec["version"],
+            status=rec["status"], started_at=rec["created_at"], finished_at=rec["finished_at"],
+            symbols=tuple(SymbolOutcome(
+                symbol=t["symbol"], kind=t["kind"], state=t["state"], node=t["node"],
+                attempts=t["attempts"],
+                duration=(t["finished_at"] - t["started_at"]
+                          if t["finished_at"] and t["started_at"] else None),
+                output=t["result"], error=t["error"], parent=t["parent"])
+                for t in rec["tasks"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RunUpdate:
+    """One step of a run as it happens (what `Client.watch` yields)."""
+
+    run_id: str
+    status: str
+    completed: int  # main symbols that reached an end state
+    total: int
+    eta: float | None  # seconds, from the rate so far
+    running: tuple[str, ...]  # symbols running now
+    recent: tuple[Event, ...]  # the latest events, newest last
+    event: Event | None  # the event behind this update
+
+    @property
+    def percentage(self) -> float:
+        return 100.0 * self.completed / self.total if self.total else 100.0
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL_RUN_STATES
+
+
+class ProgressTracker:
+    """Counts a run's progress from its events: what ended, what runs, at what rate."""
+
+    def __init__(self, run_id: str, total: int, completed: int = 0, status: str = "running",
+                 keep: int = 20) -> None:
+        self.run_id = run_id
+        self.total = total
+        self.completed = completed
+        self.failed = 0
+        self.status = status
+        self.running: dict[str, tuple[str, str, float]] = {}  # task id -> (symbol, node, since)
+        self.recent: deque[Event] = deque(maxlen=keep)
+        self._t0 = time.monotonic()
+        self._done0 = completed
+
+    def on_event(self, ev: Event) -> bool:
+        """Take one event; False if it is not about this run."""
+        if ev.run_id != self.run_id:
+            return False
+        self.recent.append(ev)
+        tid = ev.task_id or ""
+        if ev.kind in ("symbol.started", "symbol.adopted"):
+            self.running[tid] = (ev.symbol or "", ev.node or "-", ev.ts)
+        elif ev.kind in _DONE or ev.kind in _UNDONE:
+            self.running.pop(tid, None)
+            if ev.kind in _DONE and not tid.endswith("/rollback"):
+                self.completed += 1
+                self.failed += ev.kind == "symbol.failed"
+        if ev.kind.startswith("run."):
+            status = ev.data.get("status")
+            if ev.kind in FINAL_RUN_EVENTS:
+                self.status = ev.kind[4:]
+            elif ev.kind == "run.paused":
+                self.status = "paused"
+            elif isinstance(status, str) and ev.kind in ("run.resumed", "run.restored"):
+                self.status = status
+            elif ev.kind == "run.rolling_back":
+                self.status = "rolling_back"
+        return True
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self._t0
+        return (self.completed - self._done0) / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        rate = self.rate
+        left = max(0, self.total - self.completed)
+        return left / rate if rate > 0 else (0.0 if left == 0 else None)
+
+    def update(self, event: Event | None) -> RunUpdate:
+        return RunUpdate(
+            run_id=self.run_id, status=self.status, completed=self.completed, total=self.total,
+            eta=self.eta, running=tuple(s for s, _, _ in self.running.values()),
+            recent=tuple(self.recent), event=event)
