@@ -18,11 +18,9 @@ import heapq
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from . import plan as planning
-from .errors import SwarmError
 from .events import (  # the core's vocabulary, re-exported
     Abandon,
     Ack,
@@ -45,55 +43,19 @@ from .events import (  # the core's vocabulary, re-exported
     TaskRecord,
     Tick,
 )
-from .model import RetryPolicy, RollbackSpec, Symbol, Workflow
+from .model import RetryPolicy, Symbol, Workflow
 from .protocol import TaskAssignment, TaskResult
-
-
-class TaskState(StrEnum):
-    PENDING = "pending"  # waiting for dependencies
-    READY = "ready"  # queued for a worker
-    RUNNING = "running"
-    RETRYING = "retrying"  # failed, waiting for its retry timer
-    COMPLETED = "completed"
-    FAILED = "failed"
-    SKIPPED = "skipped"  # never started: a dependency failed or the run halted
-    ROLLED_BACK = "rolled_back"  # completed, then undone by its rollback
-    CANCELLED = "cancelled"  # stopped (or never started) because its run was cancelled
-
-
-TERMINAL = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED,
-                      TaskState.ROLLED_BACK, TaskState.CANCELLED})
-
-TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.PENDING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.CANCELLED}),
-    TaskState.READY: frozenset({TaskState.RUNNING, TaskState.SKIPPED, TaskState.CANCELLED}),
-    TaskState.RUNNING: frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.RETRYING,
-                                  TaskState.READY, TaskState.CANCELLED}),
-    TaskState.RETRYING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.FAILED,
-                                   TaskState.RUNNING, TaskState.CANCELLED}),
-    TaskState.COMPLETED: frozenset({TaskState.ROLLED_BACK}),
-    TaskState.FAILED: frozenset(),
-    TaskState.SKIPPED: frozenset(),
-    TaskState.ROLLED_BACK: frozenset(),
-    TaskState.CANCELLED: frozenset(),
-}
-
-
-class RunState(StrEnum):
-    RUNNING = "running"
-    ROLLING_BACK = "rolling_back"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    ROLLED_BACK = "rolled_back"
-    CANCELLED = "cancelled"
-
-
-RUN_FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.ROLLED_BACK,
-                       RunState.CANCELLED})
-
-
-class IllegalTransition(SwarmError):
-    """The scheduler tried a move its tables forbid: a bug in swarm, not in the input."""
+from .tasks import (
+    RUN_FINAL,
+    TASK_TRANSITIONS,
+    TERMINAL,
+    IllegalTransition,
+    Node,
+    Run,
+    RunState,
+    Task,
+    TaskState,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,86 +71,6 @@ class SchedulerConfig:
 
 
 # --- internal state -------------------------------------------------------------------
-
-
-class _Task:
-    __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
-                 "dependents", "deps", "node", "token", "due", "first_start", "key",
-                 "parent", "orphan")
-
-    def __init__(self, run: _Run, name: str, kind: str, spec: Symbol | RollbackSpec,
-                 parent: _Task | None = None) -> None:
-        self.run = run
-        self.name = name
-        self.kind = kind  # "main" | "rollback"
-        self.id = f"{run.id}/{name}" if kind == "main" else f"{run.id}/{parent.name}/rollback"  # type: ignore[union-attr]
-        self.spec = spec
-        self.parent = parent
-        self.state = TaskState.PENDING
-        self.attempts = 0
-        self.losses = 0
-        self.waiting = 0  # dependencies not yet completed
-        self.deps: list[_Task] = []
-        self.dependents: list[_Task] = []
-        self.node: _Node | None = None
-        self.token = 0
-        self.due = 0.0
-        self.first_start: float | None = None
-        self.key: tuple[Any, ...] = ()
-        self.orphan = 0  # token of an attempt whose worker was lost; its result is welcome
-
-    @property
-    def dispatch(self) -> str:
-        return self.spec.dispatch
-
-    @property
-    def retries(self) -> int:
-        return self.spec.retries
-
-
-class _Run:
-    __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
-                 "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash",
-                 "paused", "parked", "cancelled")
-
-    def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
-        self.id = run_id
-        self.workflow = workflow
-        self.seq = seq
-        self.state = RunState.RUNNING
-        self.tasks: dict[str, _Task] = {}
-        self.rollbacks: list[_Task] = []
-        self.unfinished = 0  # tasks (main and rollback) not yet terminal
-        self.failed = False
-        self.halted = False  # no new main symbols start
-        self.rollback_failed = False
-        self.rollback_phase = False
-        self.started = now
-        self.hash = workflow.content_hash
-        self.paused = False  # ready tasks wait in `parked` instead of starting
-        self.parked: list[_Task] = []
-        self.cancelled = False
-
-
-class _Node:
-    __slots__ = ("id", "name", "caps", "slots", "labels", "running", "last_seen", "draining",
-                 "seq", "suspect")
-
-    def __init__(self, ev: NodeConnected, seq: int) -> None:
-        self.id = ev.node_id
-        self.name = ev.name
-        self.caps = frozenset(ev.capabilities)
-        self.slots = ev.slots
-        self.labels = dict(ev.labels)
-        self.running: dict[int, _Task] = {}
-        self.last_seen = ev.now
-        self.draining = False
-        self.seq = seq
-        self.suspect: set[int] = set()  # missing from the last heartbeat's running list
-
-    @property
-    def free(self) -> int:
-        return 0 if self.draining else self.slots - len(self.running)
 
 
 def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
@@ -207,11 +89,11 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         self.config = config or SchedulerConfig()
-        self._runs: dict[str, _Run] = {}
-        self._nodes: dict[str, _Node] = {}
-        self._by_token: dict[int, _Task] = {}
-        self._ready: dict[str, list[tuple[tuple[Any, ...], int, _Task]]] = {}
-        self._timers: list[tuple[float, int, _Task]] = []
+        self._runs: dict[str, Run] = {}
+        self._nodes: dict[str, Node] = {}
+        self._by_token: dict[int, Task] = {}
+        self._ready: dict[str, list[tuple[tuple[Any, ...], int, Task]]] = {}
+        self._timers: list[tuple[float, int, Task]] = []
         self._seq = itertools.count()
         self._run_seq = itertools.count()
         self._node_seq = itertools.count()
@@ -370,15 +252,15 @@ class Scheduler:
                 self._make_ready(task, ev.now)
         self._check_run(run, ev.now)
 
-    def _build_run(self, run_id: str, wf: Workflow, now: float) -> _Run:
+    def _build_run(self, run_id: str, wf: Workflow, now: float) -> Run:
         """A run's tasks and their dependency links, all pending."""
         if run_id in self._runs:
             raise IllegalTransition(f"run {run_id} is already known")
-        run = _Run(run_id, wf, next(self._run_seq), now)
+        run = Run(run_id, wf, next(self._run_seq), now)
         self._runs[run.id] = run
         analysis = planning.analyze(wf)
         for index, sym in enumerate(wf.symbols):
-            task = _Task(run, sym.name, "main", sym)
+            task = Task(run, sym.name, "main", sym)
             if self.config.priority_queue:
                 task.key = (-sym.priority, -analysis.rank[sym.name], run.seq, index)
             run.tasks[sym.name] = task
@@ -408,7 +290,7 @@ class Scheduler:
                 continue
             parent = run.tasks[rec.parent]
             assert isinstance(parent.spec, Symbol) and parent.spec.rollback is not None
-            rb = _Task(run, parent.spec.rollback.name, "rollback", parent.spec.rollback, parent)
+            rb = Task(run, parent.spec.rollback.name, "rollback", parent.spec.rollback, parent)
             rb.key = (float("-inf"), run.seq, len(run.rollbacks))
             run.rollbacks.append(rb)
             run.unfinished += 1
@@ -438,7 +320,7 @@ class Scheduler:
         self._journal("run.restored", ev.now, run, data={"status": run.state.value})
         self._check_run(run, ev.now)
 
-    def _restore_task(self, task: _Task, rec: TaskRecord, now: float) -> None:
+    def _restore_task(self, task: Task, rec: TaskRecord, now: float) -> None:
         state = TaskState(rec.state)
         task.attempts, task.losses, task.token = rec.attempts, rec.losses, rec.token
         task.first_start = rec.first_start
@@ -517,7 +399,7 @@ class Scheduler:
         old = self._nodes.get(ev.node_id)
         if old is not None:
             self._on_node_gone(old.id, ev.now, "replaced", False)
-        node = _Node(ev, next(self._node_seq))
+        node = Node(ev, next(self._node_seq))
         self._nodes[node.id] = node
         self._journal("node.joined", ev.now, node=node.name, data={
             "node_id": node.id, "capabilities": sorted(node.caps), "slots": node.slots,
@@ -550,7 +432,7 @@ class Scheduler:
         for task in list(node.running.values()):
             self._lose(task, node, now, reason, graceful)
 
-    def _lose(self, task: _Task, node: _Node, now: float, reason: str, graceful: bool) -> None:
+    def _lose(self, task: Task, node: Node, now: float, reason: str, graceful: bool) -> None:
         """An attempt whose worker is gone (or forgot it): requeue it, or fail it for good."""
         del node.running[task.token]
         task.node = None
@@ -622,7 +504,7 @@ class Scheduler:
             self._finish_attempt(task, r, node.name, ev.now)  # type: ignore[union-attr]
         self._out.append(Ack(ev.node_id, tuple(acks)))
 
-    def _orphan_result(self, token: int) -> _Task | None:
+    def _orphan_result(self, token: int) -> Task | None:
         """The result of an attempt whose worker was lost (or a dispatcher that restarted)
         and that nobody else has taken over yet: the work is done, so it counts."""
         task = self._by_token.get(token)
@@ -635,7 +517,7 @@ class Scheduler:
 
     # --- task lifecycle ---------------------------------------------------------------
 
-    def _finish_attempt(self, task: _Task, r: TaskResult, node: str, now: float) -> None:
+    def _finish_attempt(self, task: Task, r: TaskResult, node: str, now: float) -> None:
         run = task.run
         self._by_token.pop(r.token, None)  # a duplicate of this result is dropped
         self._journal("attempt.finished", now, run, task, node=node, attempt=task.attempts, data={
@@ -675,7 +557,7 @@ class Scheduler:
         self._failed_for_good(task, now)
         self._check_run(run, now)
 
-    def _may_retry(self, task: _Task, r: TaskResult, due: float) -> bool:
+    def _may_retry(self, task: Task, r: TaskResult, due: float) -> bool:
         if not r.retryable or (task.run.halted and task.kind == "main"):
             return False
         retries = task.retries
@@ -688,11 +570,11 @@ class Scheduler:
         return not (deadline is not None and task.first_start is not None
                     and (due - task.first_start) * 1000 >= deadline)
 
-    def _policy(self, task: _Task) -> RetryPolicy:
+    def _policy(self, task: Task) -> RetryPolicy:
         own = getattr(task.spec, "retry", None)
         return own if own is not None else self.config.retry
 
-    def _failed_for_good(self, task: _Task, now: float) -> None:
+    def _failed_for_good(self, task: Task, now: float) -> None:
         run = task.run
         if task.kind == "rollback":
             run.rollback_failed = True
@@ -713,15 +595,15 @@ class Scheduler:
                         if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING)],
                        now, f"run halted after '{task.name}' failed")
 
-    def _skip(self, tasks: Iterable[_Task], now: float, reason: str) -> None:
+    def _skip(self, tasks: Iterable[Task], now: float, reason: str) -> None:
         for t in tasks:
             if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING):
                 self._set(t, TaskState.SKIPPED)
                 self._journal("symbol.skipped", now, t.run, t, data={"reason": reason})
 
     @staticmethod
-    def _descendants(task: _Task) -> list[_Task]:
-        seen: dict[int, _Task] = {}
+    def _descendants(task: Task) -> list[Task]:
+        seen: dict[int, Task] = {}
         stack = list(task.dependents)
         while stack:
             t = stack.pop()
@@ -730,27 +612,27 @@ class Scheduler:
                 stack.extend(t.dependents)
         return list(seen.values())
 
-    def _release_dependents(self, task: _Task, now: float) -> None:
+    def _release_dependents(self, task: Task, now: float) -> None:
         for d in task.dependents:
             d.waiting -= 1
             if d.waiting == 0 and d.state is TaskState.PENDING:
                 self._make_ready(d, now)
 
-    def _make_ready(self, task: _Task, now: float) -> None:
+    def _make_ready(self, task: Task, now: float) -> None:
         self._set(task, TaskState.READY)
         self._push_ready(task, now)
 
-    def _push_ready(self, task: _Task, now: float, reason: str = "") -> None:
+    def _push_ready(self, task: Task, now: float, reason: str = "") -> None:
         heapq.heappush(self._ready.setdefault(task.dispatch, []),
                        (self._key(task), next(self._seq), task))
         self._journal("symbol.queued", now, task.run, task,
                       data={"reason": reason} if reason else {})
 
-    def _add_rollback(self, parent: _Task, deps: list[_Task], now: float) -> _Task:
+    def _add_rollback(self, parent: Task, deps: list[Task], now: float) -> Task:
         sym = parent.spec
         assert isinstance(sym, Symbol) and sym.rollback is not None
         run = parent.run
-        rb = _Task(run, sym.rollback.name, "rollback", sym.rollback, parent=parent)
+        rb = Task(run, sym.rollback.name, "rollback", sym.rollback, parent=parent)
         # Rollbacks jump the queue: they restore a consistent state.
         rb.key = (float("-inf"), run.seq, len(run.rollbacks))
         rb.deps = deps
@@ -766,7 +648,7 @@ class Scheduler:
             self._make_ready(rb, now)
         return rb
 
-    def _start_rollback_phase(self, run: _Run, now: float) -> None:
+    def _start_rollback_phase(self, run: Run, now: float) -> None:
         """Undo completed symbols in reverse dependency order: the rollback of X waits for
         the rollbacks of the nearest completed descendants of X that have one."""
         run.rollback_phase = True
@@ -774,14 +656,14 @@ class Scheduler:
         self._journal("run.rolling_back", now, run)
         done = [t for t in run.tasks.values() if t.state is TaskState.COMPLETED]
         has_rb = {id(t) for t in done if isinstance(t.spec, Symbol) and t.spec.rollback}
-        created: dict[int, _Task] = {}
+        created: dict[int, Task] = {}
         # Create in reverse topological order so each rollback's predecessors exist.
         order = planning.analyze(run.workflow).order
         for name in reversed(order):
             t = run.tasks[name]
             if id(t) not in has_rb:
                 continue
-            after: dict[int, _Task] = {}
+            after: dict[int, Task] = {}
             stack = list(t.dependents)
             seen: set[int] = set()
             while stack:
@@ -795,7 +677,7 @@ class Scheduler:
                     stack.extend(d.dependents)
             created[id(t)] = self._add_rollback(t, list(after.values()), now)
 
-    def _check_run(self, run: _Run, now: float) -> None:
+    def _check_run(self, run: Run, now: float) -> None:
         if run.state in RUN_FINAL or run.unfinished:
             return
         if run.failed and run.workflow.on_failure == "rollback" and not run.rollback_phase:
@@ -822,8 +704,8 @@ class Scheduler:
             return
         while True:
             best: tuple[Any, ...] | None = None
-            best_node: _Node | None = None
-            best_heap: list[tuple[tuple[Any, ...], int, _Task]] | None = None
+            best_node: Node | None = None
+            best_heap: list[tuple[tuple[Any, ...], int, Task]] | None = None
             for dispatch, heap in self._ready.items():
                 while heap and (heap[0][2].state is not TaskState.READY
                                 or heap[0][2].run.paused):
@@ -840,8 +722,8 @@ class Scheduler:
             _, _, task = heapq.heappop(best_heap)
             self._start(task, best_node, now)
 
-    def _pick_node(self, dispatch: str) -> _Node | None:
-        best: _Node | None = None
+    def _pick_node(self, dispatch: str) -> Node | None:
+        best: Node | None = None
         best_key: tuple[float, int] | None = None
         for node in self._nodes.values():
             if dispatch not in node.caps or node.free <= 0:
@@ -854,7 +736,7 @@ class Scheduler:
                 best, best_key = node, key
         return best
 
-    def _start(self, task: _Task, node: _Node, now: float) -> None:
+    def _start(self, task: Task, node: Node, now: float) -> None:
         self._set(task, TaskState.RUNNING)
         task.attempts += 1
         if task.first_start is None:
@@ -879,16 +761,16 @@ class Scheduler:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _force(self, task: _Task, state: TaskState) -> None:
+    def _force(self, task: Task, state: TaskState) -> None:
         """Put a task in a state without a transition: only for rebuilding from records."""
         if state in TERMINAL and task.state not in TERMINAL:
             task.run.unfinished -= 1
         task.state = state
 
-    def _key(self, task: _Task) -> tuple[Any, ...]:
+    def _key(self, task: Task) -> tuple[Any, ...]:
         return task.key if self.config.priority_queue and task.key else (next(self._seq),)
 
-    def _set(self, task: _Task, state: TaskState) -> None:
+    def _set(self, task: Task, state: TaskState) -> None:
         if state not in TASK_TRANSITIONS[task.state]:
             raise IllegalTransition(f"{task.id}: {task.state.value} -> {state.value}")
         if state in TERMINAL and task.state not in TERMINAL:
@@ -896,7 +778,7 @@ class Scheduler:
             self._by_token.pop(task.token, None)
         task.state = state
 
-    def _journal(self, kind: str, now: float, run: _Run | None = None, task: _Task | None = None,
+    def _journal(self, kind: str, now: float, run: Run | None = None, task: Task | None = None,
                  *, node: str | None = None, attempt: int | None = None,
                  data: dict[str, Any] | None = None) -> None:
         self._out.append(Journal(

@@ -1,0 +1,138 @@
+"""The scheduler's in-memory state: tasks, runs and nodes, and the tables that say how a
+task's and a run's state may change. Only `swarm.core` changes these objects."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from .errors import SwarmError
+from .events import NodeConnected
+from .model import RollbackSpec, Symbol, Workflow
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"  # waiting for dependencies
+    READY = "ready"  # queued for a worker
+    RUNNING = "running"
+    RETRYING = "retrying"  # failed, waiting for its retry timer
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # never started: a dependency failed or the run halted
+    ROLLED_BACK = "rolled_back"  # completed, then undone by its rollback
+    CANCELLED = "cancelled"  # stopped (or never started) because its run was cancelled
+
+
+TERMINAL = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED,
+                      TaskState.ROLLED_BACK, TaskState.CANCELLED})
+
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.CANCELLED}),
+    TaskState.READY: frozenset({TaskState.RUNNING, TaskState.SKIPPED, TaskState.CANCELLED}),
+    TaskState.RUNNING: frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.RETRYING,
+                                  TaskState.READY, TaskState.CANCELLED}),
+    TaskState.RETRYING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.FAILED,
+                                   TaskState.RUNNING, TaskState.CANCELLED}),
+    TaskState.COMPLETED: frozenset({TaskState.ROLLED_BACK}),
+    TaskState.FAILED: frozenset(),
+    TaskState.SKIPPED: frozenset(),
+    TaskState.ROLLED_BACK: frozenset(),
+    TaskState.CANCELLED: frozenset(),
+}
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    ROLLING_BACK = "rolling_back"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    CANCELLED = "cancelled"
+
+
+RUN_FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.ROLLED_BACK,
+                       RunState.CANCELLED})
+
+
+class IllegalTransition(SwarmError):
+    """The scheduler tried a move its tables forbid: a bug in swarm, not in the input."""
+
+
+class Task:
+    __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
+                 "dependents", "deps", "node", "token", "due", "first_start", "key",
+                 "parent", "orphan")
+
+    def __init__(self, run: Run, name: str, kind: str, spec: Symbol | RollbackSpec,
+                 parent: Task | None = None) -> None:
+        self.run = run
+        self.name = name
+        self.kind = kind  # "main" | "rollback"
+        self.id = f"{run.id}/{name}" if kind == "main" else f"{run.id}/{parent.name}/rollback"  # type: ignore[union-attr]
+        self.spec = spec
+        self.parent = parent
+        self.state = TaskState.PENDING
+        self.attempts = 0
+        self.losses = 0
+        self.waiting = 0  # dependencies not yet completed
+        self.deps: list[Task] = []
+        self.dependents: list[Task] = []
+        self.node: Node | None = None
+        self.token = 0
+        self.due = 0.0
+        self.first_start: float | None = None
+        self.key: tuple[Any, ...] = ()
+        self.orphan = 0  # token of an attempt whose worker was lost; its result is welcome
+
+    @property
+    def dispatch(self) -> str:
+        return self.spec.dispatch
+
+    @property
+    def retries(self) -> int:
+        return self.spec.retries
+
+
+class Run:
+    __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
+                 "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash",
+                 "paused", "parked", "cancelled")
+
+    def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
+        self.id = run_id
+        self.workflow = workflow
+        self.seq = seq
+        self.state = RunState.RUNNING
+        self.tasks: dict[str, Task] = {}
+        self.rollbacks: list[Task] = []
+        self.unfinished = 0  # tasks (main and rollback) not yet terminal
+        self.failed = False
+        self.halted = False  # no new main symbols start
+        self.rollback_failed = False
+        self.rollback_phase = False
+        self.started = now
+        self.hash = workflow.content_hash
+        self.paused = False  # ready tasks wait in `parked` instead of starting
+        self.parked: list[Task] = []
+        self.cancelled = False
+
+
+class Node:
+    __slots__ = ("id", "name", "caps", "slots", "labels", "running", "last_seen", "draining",
+                 "seq", "suspect")
+
+    def __init__(self, ev: NodeConnected, seq: int) -> None:
+        self.id = ev.node_id
+        self.name = ev.name
+        self.caps = frozenset(ev.capabilities)
+        self.slots = ev.slots
+        self.labels = dict(ev.labels)
+        self.running: dict[int, Task] = {}
+        self.last_seen = ev.now
+        self.draining = False
+        self.seq = seq
+        self.suspect: set[int] = set()  # missing from the last heartbeat's running list
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else self.slots - len(self.running)
