@@ -208,7 +208,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"'coordinator.{key}' must be positive")
     if cfg.worker.heartbeat_interval <= 0:
         raise ConfigError("'worker.heartbeat_interval' must be positive")
-    if cfg.retry.backoff_factor < 1 or not 0 <= cfg.retry.jitter <= 1:
+    if not cfg.retry.backoff_factor >= 1 or not 0 <= cfg.retry.jitter <= 1:  # NaN fails both
         raise ConfigError("'retry.backoff_factor' must be >= 1 and 'retry.jitter' within [0, 1]")
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("'logging.level' must be debug, info, warning or error")
@@ -220,6 +220,8 @@ def parse_config(text: str, path: str = "", base_dir: str = ".") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: {e}") from None
+    except (RecursionError, ValueError) as e:  # nesting or a number past tomllib's limits
+        raise ConfigError(f"{where}: cannot read the config: {type(e).__name__}") from None
     try:
         cfg = _build(Config, data, "")
         cfg = dataclasses.replace(cfg, path=path, base_dir=base_dir)

@@ -113,6 +113,14 @@ def parse_manifest(text: str, source: str, fmt: str) -> Workflow:
         except json.JSONDecodeError as e:
             msg = f"JSON syntax error: {e.msg} (column {e.colno})"
             raise ManifestError([Problem(msg, source, line=e.lineno)]) from None
+        except RecursionError:
+            raise ManifestError([Problem("the document is nested too deeply to read", source)]
+                                ) from None
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+            # The parsers' own limits and PyYAML's constructors for explicit tags (`!!int x`,
+            # a 5,000-digit number, a lone surrogate): the text is not a manifest we can read.
+            raise ManifestError([Problem(f"cannot read the document: {_clip(str(e))}", source)]
+                                ) from None
         return _Checker(source, lines).workflow(doc)
 
 
@@ -545,7 +553,7 @@ class _Checker:
             elif dep in kept:
                 message = f"dependency {dep!r} is listed twice"
             elif dep not in names:
-                message = f"unknown dependency {dep!r}{self.suggest(dep, names)}"
+                message = f"unknown dependency {_clip(dep)!r}{self.suggest(dep, names)}"
             else:
                 kept[dep] = None
                 continue
@@ -578,7 +586,8 @@ class _Checker:
                 msg = f"keys must be strings, got {_describe(key)}"
                 self.add(msg, at.symbol, at.prefix[:-1] or None, self.lines.of(at.container))
             elif key not in allowed:
-                self.bad(at, key, f"unknown key {key!r}{self.suggest(key, sorted(allowed))}")
+                self.bad(at, _clip(key),
+                         f"unknown key {_clip(key)!r}{self.suggest(key, sorted(allowed))}")
 
     def string(self, at: _At, key: str, *, required: bool = False) -> str:
         value = at.container.get(key)
@@ -600,7 +609,7 @@ class _Checker:
                 self.bad(at, key, f"required field is missing: one of {', '.join(choices)}")
             return default or choices[0]
         if value not in choices:
-            what = repr(value) if isinstance(value, str) else _describe(value)
+            what = repr(_clip(value)) if isinstance(value, str) else _describe(value)
             hint = self.suggest(value, choices) if isinstance(value, str) else ""
             self.bad(at, key, f"unknown {key} {what}: expected one of {', '.join(choices)}{hint}")
             return default or choices[0]
@@ -617,6 +626,9 @@ class _Checker:
                 f"expected an integer{unit}, got {_describe(value)}"
                 f"{_duration_hint(value) if unit else ''}",
             )
+            return default
+        if not _INT_MIN <= value <= _INT_MAX:
+            self.bad(at, key, "out of range: more than 64 bits")
             return default
         if least is not None and value < least:
             bound = "greater than 0" if least == 1 else f"{least} or more"
@@ -662,7 +674,7 @@ class _Checker:
         return list(value)
 
     def suggest(self, word: str, options: Any) -> str:
-        if self.suggestions <= 0:
+        if self.suggestions <= 0 or len(word) > 100:  # nothing is that long by mistake
             return ""
         self.suggestions -= 1
         close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
@@ -675,24 +687,34 @@ def _by_position(entry: dict[Any, Any]) -> Callable[[Problem], int]:
 
 
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 63) - 1  # what msgpack peers and SQLite carry
+# Parameters cross the wire inside a deploy frame, whose nesting the decoder bounds (64),
+# and are hashed and stored whole: both limits leave real parameters plenty of room.
+MAX_PARAMETER_DEPTH = 32
+MAX_PARAMETER_VALUES = 100_000
+_TOO_BIG = (f"expands to more than {MAX_PARAMETER_VALUES:,} values "
+            "(YAML aliases repeat what they point to)")
 
 
 def _not_json(root: dict[str, Any], path: str) -> tuple[str, object, object, str] | None:
     """The first value that JSON and msgpack cannot carry as-is: (path, container, key, why).
 
-    Iterative with a stack, and a shared (aliased) container is checked once, so deep or
-    alias-heavy YAML stays linear; a container inside itself is a cycle.
+    Iterative with a stack, and a shared (aliased) container is walked once, so deep or
+    alias-heavy YAML stays linear; a container inside itself is a cycle. What the aliases
+    expand to is counted too: a "billion laughs" document is refused, not loaded.
     """
-    done: set[int] = set()
+    done: dict[int, int] = {}  # container -> values it holds once expanded
     active = {id(root)}
-    stack: list[tuple[Any, Iterator[tuple[Any, Any]], str]] = [(root, iter(root.items()), path)]
+    # A frame: container, its items, its path, values counted so far.
+    stack: list[list[Any]] = [[root, iter(root.items()), path, 1]]
     while stack:
-        container, children, where = stack[-1]
+        frame = stack[-1]
+        container, children, where = frame[0], frame[1], frame[2]
         for key, child in children:
             if isinstance(child, int) and not _INT_MIN <= child <= _INT_MAX:
                 here = f"{where}.{key}" if isinstance(container, dict) else f"{where}[{key}]"
                 return here, container, key, "integer out of the 64-bit range (quote it)"
             if child is None or isinstance(child, (str, int, float)):
+                frame[3] += 1
                 continue
             here = f"{where}.{key}" if isinstance(container, dict) else f"{where}[{key}]"
             if not isinstance(child, (dict, list, tuple)):
@@ -702,7 +724,12 @@ def _not_json(root: dict[str, Any], path: str) -> tuple[str, object, object, str
             if id(child) in active:
                 return here, container, key, "a container that contains itself"
             if id(child) in done:
+                frame[3] += done[id(child)]
+                if frame[3] > MAX_PARAMETER_VALUES:
+                    return here, container, key, _TOO_BIG
                 continue
+            if len(stack) >= MAX_PARAMETER_DEPTH:
+                return here, container, key, f"nested deeper than {MAX_PARAMETER_DEPTH} levels"
             if isinstance(child, dict):
                 if not all(isinstance(k, str) for k in child):
                     return here, container, key, "mapping keys must be strings"
@@ -710,13 +737,22 @@ def _not_json(root: dict[str, Any], path: str) -> tuple[str, object, object, str
             else:
                 items = enumerate(child)
             active.add(id(child))
-            stack.append((child, items, here))
+            stack.append([child, items, here, 1])
             break
         else:
             stack.pop()
             active.discard(id(container))
-            done.add(id(container))
+            done[id(container)] = frame[3]
+            if stack:
+                stack[-1][3] += frame[3]
+                if stack[-1][3] > MAX_PARAMETER_VALUES:
+                    return where, container, None, _TOO_BIG
     return None
+
+
+def _clip(text: str, most: int = 80) -> str:
+    """A user's value inside a message: a huge one would drown the message."""
+    return text if len(text) <= most else f"{text[: most - 20]}... ({len(text):,} characters)"
 
 
 def _describe(value: object) -> str:

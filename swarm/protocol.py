@@ -343,7 +343,8 @@ def _build(cls: type[Any], d: Any, where: str) -> Any:
             raise RemoteProtocolError(f"'{cls.T}' frame lacks field '{name}'")
     extra = set(d) - {n for n, _, _ in spec} - {"t"}
     if extra:
-        raise RemoteProtocolError(f"'{cls.T}' frame has unknown field '{sorted(extra)[0]}'")
+        name = sorted(map(repr, extra))[0][:40]  # keys may mix str and bytes
+        raise RemoteProtocolError(f"'{cls.T}' frame has unknown field {name}")
     return cls(**kwargs)
 
 

@@ -51,7 +51,6 @@ from swarm import protocol as p
 from swarm.config import Config, parse_config
 from swarm.errors import (
     ConfigError,
-    LocalProtocolError,
     ManifestError,
     RemoteProtocolError,
 )
@@ -82,40 +81,7 @@ def _raised_in(exc: BaseException, *parts: str) -> bool:
     return any(part in name for name in files for part in parts)
 
 
-KNOWN_BUGS = [
-    KnownBug("decode-mixed-key-types",
-             "protocol._build sorts unknown field names; str and bytes keys raise TypeError",
-             lambda e: isinstance(e, TypeError) and "not supported between" in str(e)
-             and _raised_in(e, "swarm/protocol.py")),
-    KnownBug("yaml-explicit-tag-value",
-             "!!int/!!float/!!bool/!!timestamp on a bad scalar: PyYAML's constructor raises "
-             "ValueError/KeyError/IndexError/AttributeError, which parse_manifest lets out",
-             lambda e: not isinstance(e, yaml.YAMLError) and _raised_in(e, "yaml/constructor.py")),
-    KnownBug("deep-nesting-recursion",
-             "json.loads and tomllib recurse: ~1,000 nested arrays/tables raise RecursionError",
-             lambda e: isinstance(e, RecursionError) and _raised_in(e, "json/", "tomllib/")),
-    KnownBug("int-digit-limit",
-             "an integer literal of more than 4,300 digits raises ValueError (int max str digits)",
-             lambda e: isinstance(e, ValueError) and "integer string conversion" in str(e)),
-    KnownBug("yaml-lone-surrogate",
-             "parse_manifest(yaml) on a str with a lone surrogate raises UnicodeEncodeError",
-             lambda e: isinstance(e, UnicodeEncodeError) and "surrogates" in str(e)),
-    KnownBug("manifest-int-beyond-64-bit",
-             "priority/timeout/retries/deadline/retry delays/capacities beyond 64 bits are "
-             "accepted, then cannot be encoded for deploy (or, up to 2**64, are refused by "
-             "the dispatcher)",
-             lambda e: (isinstance(e, LocalProtocolError) and "out of range" in str(e))
-             or (isinstance(e, RemoteProtocolError) and "a 64-bit integer" in str(e))),
-    KnownBug("manifest-nesting-beyond-wire",
-             "parameters nested deeper than the wire's 64 levels are accepted, then the "
-             "deploy frame is refused (and past ~1,000 levels content_hash recurses)",
-             lambda e: (isinstance(e, RemoteProtocolError) and "nested deeper" in str(e))
-             or (isinstance(e, RecursionError) and _raised_in(e, "swarm/model.py"))),
-    KnownBug("config-nan-backoff",
-             "[retry] backoff_factor = nan passes the '>= 1' check (NaN compares false)",
-             lambda e: isinstance(e, AssertionError) and "backoff_factor" in str(e)
-             and "nan" in str(e)),
-]
+KNOWN_BUGS: list[KnownBug] = []  # none open: every bug the fuzzing found is fixed
 TOLERATE_KNOWN = True  # scripts/fuzz.py --strict turns this off
 KNOWN_HITS: Counter[str] = Counter()
 
@@ -853,8 +819,6 @@ def test_yaml_alias_bomb_loads_in_bounded_time(tmp_path: Path, used_in: str) -> 
         assert max(len(pr.message) for pr in result.problems) < 200
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an alias bomb in parameters loads as a workflow "
-                   "of 10**9 values; hashing or sending it (deploy, swarm run) then hangs")
 def test_yaml_alias_bomb_is_refused_or_small_once_expanded(tmp_path: Path) -> None:
     result = load_bounded(alias_bomb(), "yaml", tmp_path)
     if isinstance(result, Workflow):  # (never let pytest repr it: that expands it)
@@ -870,8 +834,6 @@ def test_yaml_nested_10000_deep_ends_cleanly(tmp_path: Path, shape: str) -> None
         assert isinstance(load_bounded(text, "yaml", tmp_path), (Workflow, ManifestError))
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason="bug: json.loads recursion is not caught (manifest.py:102)")
 @pytest.mark.parametrize("shape", ["list", "map"])
 def test_json_nested_10000_deep_ends_cleanly(tmp_path: Path, shape: str) -> None:
     opening, closing = ("[", "]") if shape == "list" else ('{"k": ', "}")
@@ -879,16 +841,11 @@ def test_json_nested_10000_deep_ends_cleanly(tmp_path: Path, shape: str) -> None
     assert isinstance(load_bounded(text, "json", tmp_path), (Workflow, ManifestError))
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason="bug: tomllib recursion is not caught (manifest.py:100)")
 def test_toml_nested_10000_deep_ends_cleanly(tmp_path: Path) -> None:
     text = "k = " + "[" * 10_000 + "1" + "]" * 10_000 + "\n"
     assert isinstance(load_bounded(text, "toml", tmp_path), (Workflow, ManifestError))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: parameters nested deeper than the wire's 64 "
-                   "levels load, then the deploy frame is refused (1007) and content_hash "
-                   "recurses past ~1,000")
 @pytest.mark.parametrize("depth", [70, 2000])
 def test_parameters_nested_too_deep_to_send_are_a_manifest_error(depth: int) -> None:
     text = HEAD_YAML + "    parameters: {deep: " + "[" * depth + "]" * depth + "}\n"
@@ -926,8 +883,6 @@ def test_a_50_mb_string_value_loads_in_bounded_time(tmp_path: Path, fmt: str) ->
     assert result.symbols[0].parameters["blob"] == big, "the value came back different"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a huge wrong value is quoted whole in the "
-                   "problem (and run through difflib): a 1 MB type gives a 1 MB message")
 @pytest.mark.parametrize("field", ["type", "dependencies", "unknown-key"])
 def test_a_huge_wrong_value_gives_a_short_message(field: str) -> None:
     big = "q" * (1 << 20)
@@ -966,8 +921,6 @@ def test_a_100000_symbol_manifest_loads_or_errors_cleanly(tmp_path: Path) -> Non
     assert isinstance(result, Workflow) and len(result.symbols) == n
 
 
-@pytest.mark.xfail(strict=True, reason="bug: PyYAML constructor errors on explicitly tagged "
-                   "scalars escape parse_manifest (manifest.py:_construct)")
 @pytest.mark.parametrize("tagged", ["!!int x", "!!int", "!!float x", "!!bool x",
                                     "!!timestamp x"])
 def test_a_bad_explicitly_tagged_yaml_scalar_is_a_manifest_error(tagged: str) -> None:
@@ -975,8 +928,6 @@ def test_a_bad_explicitly_tagged_yaml_scalar_is_a_manifest_error(tagged: str) ->
         parse_manifest(f"name: {tagged}\n", SOURCE, "yaml")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug: int() digit limit escapes "
-                   "parse_manifest and parse_config")
 @pytest.mark.parametrize("fmt", ["yaml", "json", "toml", "config"])
 def test_an_integer_of_5000_digits_is_a_clean_error(fmt: str) -> None:
     digits = "9" * 5000
@@ -990,15 +941,11 @@ def test_an_integer_of_5000_digits_is_a_clean_error(fmt: str) -> None:
         parse_manifest(text, SOURCE, fmt)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeEncodeError,
-                   reason="bug: a lone surrogate in YAML text escapes parse_manifest")
 def test_a_lone_surrogate_in_yaml_text_is_a_manifest_error() -> None:
     with pytest.raises(ManifestError):
         parse_manifest('name: "\ud800"\n', SOURCE, "yaml")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: integer fields beyond 64 bits are accepted, then "
-                   "cannot be encoded for deploy (LocalProtocolError, exit 1)")
 @pytest.mark.parametrize("field", ["priority", "timeout", "retries", "deadline"])
 @pytest.mark.parametrize("value", [1 << 63, 1 << 64])  # msgpack packs the first, not the second
 def test_an_integer_field_beyond_64_bits_is_a_manifest_error(field: str, value: int) -> None:
@@ -1006,48 +953,14 @@ def test_an_integer_field_beyond_64_bits_is_a_manifest_error(field: str, value: 
         parse_manifest(HEAD_YAML + f"    {field}: {value}\n", SOURCE, "yaml")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: NaN passes 'backoff_factor >= 1' "
-                   "(config.py _validate compares with <)")
 def test_a_nan_backoff_factor_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         parse_config("[retry]\nbackoff_factor = nan\n")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="bug: protocol._build sorts unknown "
-                   "keys of mixed str/bytes type (protocol.py:346)")
 def test_a_frame_with_str_and_bytes_unknown_keys_is_a_remote_protocol_error() -> None:
     with pytest.raises(RemoteProtocolError):
         p.decode(_pack({"t": "ack", "tokens": [], b"x": 1, "y": 2}))
-
-
-def test_every_known_bug_signature_matches_its_reproduction() -> None:
-    # Each KNOWN_BUGS entry must match what its reproduction raises, so a fuzz run never
-    # tolerates more than what is pinned down here.
-    samples: dict[str, Callable[[], object]] = {
-        "decode-mixed-key-types": lambda: p.decode(_pack({"t": "ack", "tokens": [], b"x": 1,
-                                                          "y": 2})),
-        "yaml-explicit-tag-value": lambda: parse_manifest("a: !!int x", SOURCE, "yaml"),
-        "deep-nesting-recursion": lambda: parse_manifest("[" * 5000, SOURCE, "json"),
-        "int-digit-limit": lambda: parse_manifest("9" * 5000, SOURCE, "json"),
-        "yaml-lone-surrogate": lambda: parse_manifest("\ud800", SOURCE, "yaml"),
-        "manifest-int-beyond-64-bit": lambda: check_workflow(
-            parse_manifest(HEAD_YAML + f"    priority: {1 << 64}\n", SOURCE, "yaml")),
-        "manifest-nesting-beyond-wire": lambda: check_workflow(parse_manifest(
-            HEAD_YAML + "    parameters: {k: " + "[" * 70 + "]" * 70 + "}\n", SOURCE, "yaml")),
-        "config-nan-backoff": lambda: check_config("[retry]\nbackoff_factor = nan\n"),
-    }
-    assert set(samples) == {b.key for b in KNOWN_BUGS}
-    for key, sample in samples.items():
-        before = KNOWN_HITS[key]
-        _swallow(sample)
-        assert KNOWN_HITS[key] == before + 1, f"{key} no longer happens: remove it and its xfail"
-
-
-def _swallow(sample: Callable[[], object]) -> None:
-    try:
-        sample()  # the check_* helpers tolerate (and count) known bugs themselves
-    except Exception as e:
-        assert tolerated(e), f"not a known bug: {e!r}"
 
 
 # --- a live dispatcher under garbage ----------------------------------------------------
@@ -1239,8 +1152,6 @@ def test_a_live_dispatcher_survives_garbage_while_a_workflow_completes(
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="bug: a frame with str and bytes unknown keys crashes "
-                   "the connection handler (TypeError, close 1011) instead of 1007")
 def test_a_live_dispatcher_closes_a_mixed_key_frame_with_1007(cluster: Cluster) -> None:
     cluster.start_dispatcher()
     frame = _pack({"t": "hello", "role": "client", "name": "x", b"k": 1, "z": 2})
