@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, help="port (0 picks a free one)")
     sp.add_argument("--db", help="state database path (default [dispatcher] state_db_path)")
     sp.add_argument("--ready-file", help="write the dispatcher URL here once it listens")
+    sp.add_argument("--insecure", action="store_true",
+                    help="allow listening off loopback without a token (warns)")
 
     sp = cmd("start-worker", "run a worker node until SIGINT/SIGTERM")
     sp.add_argument("config", nargs="?", help="config file (default ./swarm-config.toml)")
@@ -170,7 +172,7 @@ def cmd_start_dispatcher(args: argparse.Namespace) -> int:
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ConfigError(f"--port out of range: {args.port}")
     return _run(serve_forever(cfg, host=args.host, port=args.port, db_path=args.db,
-                              ready_file=args.ready_file))
+                              ready_file=args.ready_file, insecure=args.insecure))
 
 
 def cmd_start_worker(args: argparse.Namespace) -> int:

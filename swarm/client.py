@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import ssl as ssl_module
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
@@ -43,7 +44,9 @@ EVENT_BACKLOG = 10_000  # events kept per run until someone listens for them
 
 class Client:
     def __init__(self, url: str, *, token: str = "", name: str = "cli",
-                 open_timeout: float = 10.0, max_size: int = 1 << 20) -> None:
+                 open_timeout: float = 10.0, max_size: int = 1 << 20,
+                 ssl: ssl_module.SSLContext | None = None) -> None:
+        self.ssl = ssl
         self.url = url
         self.token = token
         self.name = name
@@ -72,7 +75,7 @@ class Client:
         try:
             ws = await connect(self.url, compression=None, max_size=self.max_size,
                                ping_interval=None, open_timeout=self.open_timeout,
-                               close_timeout=2)
+                               close_timeout=2, ssl=self.ssl)
         except (OSError, InvalidHandshake, TimeoutError) as e:
             raise DispatcherUnreachable(f"{unreachable}: {e or type(e).__name__}") from None
         except (InvalidURI, ValueError) as e:

@@ -17,6 +17,7 @@ from .config import Config, load_config
 from .errors import ConfigError, ConnectionFailed, InputError
 from .model import Workflow
 from .protocol import Event, to_dict
+from .tls import client_context
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -26,7 +27,8 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _client(args: argparse.Namespace, cfg: Config, name: str) -> Client:
-    return Client(args.url or cfg.client_url, token=cfg.security.token, name=name)
+    url = args.url or cfg.client_url
+    return Client(url, token=cfg.security.token, name=name, ssl=client_context(cfg, url))
 
 
 def exit_code(run: dict[str, Any]) -> int:

@@ -33,6 +33,7 @@ class DispatcherConfig:
     websocket_port: int = DEFAULT_PORT
     host: str = "127.0.0.1"
     max_frame_size: int = 1 << 20  # bytes; larger frames close that connection (1009)
+    max_connections: int = 1000  # workers and clients at once; more are refused (1013)
     synchronous: str = "FULL"  # SQLite synchronous pragma: FULL or NORMAL
 
 
@@ -115,6 +116,9 @@ class SecurityConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    tls_require_client_cert: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from .manifest import workflow_from_dict
 from .metrics import Histogram
 from .ops import Operations
 from .state import Store
+from .tls import check_listen, server_context
 
 log = logging.getLogger("swarm.dispatcher")
 
@@ -101,8 +102,9 @@ class Dispatcher:
     """`async with Dispatcher(config) as d:` serves until the block ends."""
 
     def __init__(self, config: Config, *, host: str | None = None, port: int | None = None,
-                 db_path: str | None = None) -> None:
+                 db_path: str | None = None, insecure: bool = False) -> None:
         self.config = config
+        self.insecure = insecure
         self.host = host or config.dispatcher.host
         self.port = config.dispatcher.websocket_port if port is None else port
         self.db_path = db_path or config.resolve(config.dispatcher.state_db_path)
@@ -123,6 +125,7 @@ class Dispatcher:
         self._dirty = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._closing = False
+        self._connections = 0
         self._rearm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
@@ -133,6 +136,8 @@ class Dispatcher:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        check_listen(self.host, self.config, self.insecure)
+        ssl_context = server_context(self.config)
         self.store = await Store.open(self.db_path, self.config.dispatcher.synchronous)
         first = await self.store.max_token() + 1
         self.core = c.Scheduler(scheduler_config(self.config, first))
@@ -146,6 +151,7 @@ class Dispatcher:
                 ping_interval=None,  # liveness is our own heartbeat, judged by the core
                 server_header=f"swarm/{__version__}",
                 process_request=self.ops.http,
+                ssl=ssl_context,
             )
         except OSError as e:
             await self.store.close()
@@ -161,7 +167,8 @@ class Dispatcher:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        scheme = "wss" if self.config.security.tls_cert else "ws"
+        return f"{scheme}://{host}:{self.port}"
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -293,6 +300,16 @@ class Dispatcher:
     # --- connections ------------------------------------------------------------------
 
     async def _serve(self, ws: ServerConnection) -> None:
+        if self._connections >= self.config.dispatcher.max_connections:
+            await ws.close(1013, "too many connections")
+            return
+        self._connections += 1
+        try:
+            await self._serve_peer(ws)
+        finally:
+            self._connections -= 1
+
+    async def _serve_peer(self, ws: ServerConnection) -> None:
         token = self.config.security.token
         nonce = secrets.token_bytes(16)
         try:
@@ -400,12 +417,13 @@ class Dispatcher:
 
 
 async def serve_forever(config: Config, *, host: str | None = None, port: int | None = None,
-                        db_path: str | None = None, ready_file: str | None = None) -> int:
+                        db_path: str | None = None, ready_file: str | None = None,
+                        insecure: bool = False) -> int:
     """Run a dispatcher until SIGINT/SIGTERM; returns the process exit code."""
     import signal
     from pathlib import Path
 
-    d = Dispatcher(config, host=host, port=port, db_path=db_path)
+    d = Dispatcher(config, host=host, port=port, db_path=db_path, insecure=insecure)
     await d.start()
     if ready_file:
         try:

@@ -25,6 +25,7 @@ from .client import Client
 from .config import Config
 from .dispatcher import Dispatcher
 from .errors import SwarmError
+from .tls import client_context
 from .worker import Worker
 
 log = logging.getLogger("swarm.local")
@@ -62,7 +63,8 @@ class LocalSwarm:
 
     def connect(self) -> Client:
         """Another client of this swarm (use it with `async with`)."""
-        return Client(self.url, token=self.config.security.token, name="local")
+        return Client(self.url, token=self.config.security.token, name="local",
+                      ssl=client_context(self.config, self.url))
 
     async def __aenter__(self) -> LocalSwarm:
         if self.db_path is None:

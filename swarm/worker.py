@@ -25,6 +25,7 @@ from . import protocol as p
 from .backends import Backends, Invocation, Outcome
 from .config import Config
 from .errors import AuthenticationFailed, ConfigError, ProtocolError, RemoteProtocolError
+from .tls import client_context
 
 log = logging.getLogger("swarm.worker")
 
@@ -79,6 +80,7 @@ class Worker:
             raise ConfigError(f"invalid dispatcher URL {self.url!r}: {e}") from None
         self.slots = slots or config.worker.max_concurrent_tasks
         self.backends = Backends.from_config(config)
+        self._ssl = client_context(config, self.url)
         self.node_id = ""
         self._ws: ClientConnection | None = None
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -149,6 +151,7 @@ class Worker:
     async def _connect_loop(self) -> None:
         cfg = self.config.worker
         delay = cfg.reconnect_initial_delay / 1000.0
+        most = cfg.reconnect_max_delay / 1000.0
         while True:
             try:
                 await self._session()
@@ -158,19 +161,24 @@ class Worker:
                 log.warning("worker %s: connection to %s lost; reconnecting", self.name,
                             self.url)
             except AuthenticationFailed as e:
-                log.error("worker %s: %s", self.name, e)
-                delay = max(delay, cfg.reconnect_max_delay / 1000.0 / 2)
+                # A wrong token will not fix itself: wait long, do not hammer the dispatcher.
+                delay = max(delay, most / 2, 1.0)
+                wait = delay * random.uniform(0.75, 1.0)
+                log.error("worker %s: %s; retrying in %.1f s", self.name, e, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, max(most, 1.0))
+                continue
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed,
                     RemoteProtocolError) as e:
                 log.info("worker %s: cannot reach %s (%s); retrying in %.2f s", self.name,
                          self.url, e or type(e).__name__, delay)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, cfg.reconnect_max_delay / 1000.0)
+            delay = min(delay * 2, most)
 
     async def _session(self) -> None:
         max_size = self.config.dispatcher.max_frame_size
         async with connect(self.url, compression=None, max_size=max_size, ping_interval=None,
-                           open_timeout=10, close_timeout=5) as ws:
+                           open_timeout=10, close_timeout=5, ssl=self._ssl) as ws:
             challenge = p.decode(await asyncio.wait_for(ws.recv(), 10), max_size)
             if not isinstance(challenge, p.Challenge):
                 raise RemoteProtocolError("the dispatcher did not start with a challenge")
