@@ -35,6 +35,7 @@ log = logging.getLogger("swarm.dispatcher")
 
 HELLO_TIMEOUT = 5.0
 CLIENT_QUEUE = 10_000  # events buffered per subscriber before it is told it missed some
+SEND_QUEUE = 50_000  # frames queued for one peer before it is closed as stuck
 TICK_MAX = 1.0
 
 
@@ -63,6 +64,7 @@ class _Peer:
     watch_all: bool = False
     draining: bool = False
     missed: int = 0
+    dropped: bool = False
 
     def __post_init__(self) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -75,6 +77,14 @@ class _Peer:
                 await self.ws.send(frame)
 
     def send(self, msg: p.Message) -> None:
+        if self.queue.qsize() >= SEND_QUEUE:
+            # A peer that reads nothing for this long is stuck: drop it, keep the memory.
+            if not self.dropped:
+                self.dropped = True
+                log.warning("%s %s does not read its frames; closing it", self.role, self.name)
+                asyncio.get_running_loop().create_task(
+                    self.ws.close(p.CLOSE_POLICY, "not reading"))
+            return
         self.queue.put_nowait(p.encode(msg))
 
     def publish(self, msg: p.Event) -> None:
