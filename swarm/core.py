@@ -232,7 +232,7 @@ class Scheduler:
 
     def _on_submit(self, ev: RunSubmitted) -> None:
         wf = ev.workflow
-        run = self._build_run(ev.run_id, wf, ev.now)
+        run = self._build_run(ev.run_id, wf, ev.now, ev.durations)
         self._journal("run.started", ev.now, run, data={
             "workflow": wf.name, "version": wf.version, "hash": run.hash,
             "symbols": len(wf.symbols), "on_failure": wf.on_failure, "mode": wf.mode,
@@ -252,13 +252,15 @@ class Scheduler:
                 self._make_ready(task, ev.now)
         self._check_run(run, ev.now)
 
-    def _build_run(self, run_id: str, wf: Workflow, now: float) -> Run:
-        """A run's tasks and their dependency links, all pending."""
+    def _build_run(self, run_id: str, wf: Workflow, now: float,
+                   durations: dict[str, float] | None = None) -> Run:
+        """A run's tasks and their dependency links, all pending. Ranks (the remaining path
+        to the end of the DAG) are weighted by the expected durations when known."""
         if run_id in self._runs:
             raise IllegalTransition(f"run {run_id} is already known")
         run = Run(run_id, wf, next(self._run_seq), now)
         self._runs[run.id] = run
-        analysis = planning.analyze(wf)
+        analysis = planning.analyze(wf, durations or None)
         for index, sym in enumerate(wf.symbols):
             task = Task(run, sym.name, "main", sym)
             if self.config.priority_queue:

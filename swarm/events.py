@@ -55,6 +55,7 @@ class RunSubmitted:
     now: float
     reuse: dict[str, Any] = field(default_factory=dict)  # symbol -> output, done before
     resumed_from: str | None = None
+    durations: dict[str, float] = field(default_factory=dict)  # expected ms per symbol
 
 
 @dataclass(frozen=True, slots=True)
