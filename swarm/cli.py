@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__, commands
 from .config import Config, default_config_text, load_config
 from .errors import ConfigError, SwarmError
+from .model import Workflow
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 RUN_EXIT = {"completed": EXIT_OK}
@@ -120,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     sp = cmd("plan", "show the levels, critical path and backends of a manifest; runs nothing")
     sp.add_argument("manifest")
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--workers", type=int, metavar="N",
+                    help="predict the makespan on N slots (a simulation of the scheduler)")
+    sp.add_argument("--db", help="a state DB whose history gives expected durations")
+
+    from .simulate import add_simulate_arguments
+
+    add_simulate_arguments(cmd("simulate", "compare scheduling policies on random workflows "
+                                           "with a virtual clock"))
 
     sp = cmd("validate", "check a manifest and report every problem")
     sp.add_argument("manifest")
@@ -213,17 +222,46 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .manifest import load_manifest
     from .plan import analyze
+    from .state import DEFAULT_DURATION_MS
 
     wf = load_manifest(args.manifest)
-    plan = analyze(wf)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    durations: dict[str, float] = (asyncio.run(_expected(wf, args.db)) if args.db else {
+        s.name: DEFAULT_DURATION_MS for s in wf.symbols})
+    plan = analyze(wf, durations)
+    out: dict[str, object] = {"name": wf.name, "version": wf.version, "source": wf.source,
+                              **plan.to_dict()}
+    if args.workers:
+        from .simulate import predict, result_dict
+
+        out["prediction"] = result_dict(predict(wf, durations, args.workers))
     if args.json:
-        print(json.dumps({"name": wf.name, "version": wf.version, "source": wf.source,
-                          **plan.to_dict()}, indent=2))
+        print(json.dumps(out, indent=2))
     else:
         from .console import console, print_plan
 
-        print_plan(console(), wf.source, wf.name, wf.version, plan)
+        print_plan(console(), wf.source, wf.name, wf.version, plan,
+                   out.get("prediction"))  # type: ignore[arg-type]
     return EXIT_OK
+
+
+async def _expected(wf: Workflow, db: str) -> dict[str, float]:
+    from .state import Store
+
+    if not Path(db).is_file():
+        raise ConfigError(f"--db {db}: no such state database")
+    store = await Store.open(db)
+    try:
+        return await store.expected_durations(wf.name, {s.name: s.dispatch for s in wf.symbols})
+    finally:
+        await store.close()
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import main_simulate
+
+    return main_simulate(args)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -252,6 +290,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": commands.cmd_report,
     "status": commands.cmd_status,
     "run": cmd_run,
+    "simulate": _simulate,
     "config": cmd_config,
     "plan": cmd_plan,
     "validate": cmd_validate,

@@ -62,15 +62,21 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def print_plan(out: Console, source: str, name: str, version: str, plan: Plan) -> None:
+def print_plan(out: Console, source: str, name: str, version: str, plan: Plan,
+               prediction: dict[str, Any] | None = None) -> None:
     d = plan.to_dict()
     out.print(f"[bold]{name}[/] {version}  ({source})")
     out.print(f"{d['symbols']} symbols in {len(plan.levels)} levels, "
               f"widest level {d['max_width']}")
     by_backend = ", ".join(f"{k}: {v}" for k, v in plan.by_backend.items())
     out.print(f"backends: {by_backend}")
-    out.print(f"critical path ({len(plan.critical_path)} symbols): "
-              + " -> ".join(plan.critical_path))
+    out.print(f"critical path ({len(plan.critical_path)} symbols, expected "
+              f"{_fmt_duration(plan.critical_length / 1000)}): " + " -> ".join(plan.critical_path))
+    if prediction:
+        out.print(f"predicted makespan on {prediction['slots']} slots: "
+                  f"{_fmt_duration(prediction['makespan'] / 1000)} (lower bound "
+                  f"{_fmt_duration(prediction['lower_bound'] / 1000)}, utilisation "
+                  f"{prediction['utilisation']:.0%})")
     t = Table(box=_box(out), show_header=True)
     t.add_column("level", justify="right")
     t.add_column("symbols")
@@ -136,6 +142,15 @@ def print_status(out: Console, s: dict[str, Any]) -> None:
         out.print(runs)
     else:
         out.print("no active runs")
+    waiting = s.get("waiting_for_capability", [])
+    if waiting:
+        w = Table(box=_box(out), title="waiting for capability: no connected worker can run")
+        for col in ("run", "symbol", "backend", "requires"):
+            w.add_column(col)
+        for x in waiting:
+            w.add_row(x["run_id"], x["symbol"], x["dispatch"],
+                      ", ".join(f"{k}={v}" for k, v in x["requires"].items()))
+        out.print(w)
     out.print("state DB records: " + ", ".join(f"{k} {v}" for k, v in s["db"].items()))
 
 

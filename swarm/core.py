@@ -100,6 +100,9 @@ class Scheduler:
         self._next_token = self.config.first_token
         self._out: list[Command] = []
         self._assign: dict[str, list[TaskAssignment]] = {}
+        self._held: dict[str, int] = {}  # resource key -> units held, across all runs
+        self._blocked: list[Task] = []  # ready, but a resource is held
+        self._unplaced: list[Task] = []  # ready, but no free worker has its labels
 
     # --- public -----------------------------------------------------------------------
 
@@ -197,7 +200,27 @@ class Scheduler:
             "running": len(n.running), "draining": n.draining, "last_seen": n.last_seen,
             "labels": n.labels,
         } for n in sorted(self._nodes.values(), key=lambda n: n.seq)]
-        return {"nodes": nodes, "tasks": counts, "runs": runs}
+        return {"nodes": nodes, "tasks": counts, "runs": runs,
+                "waiting_for_capability": self._unrunnable()}
+
+    def _unrunnable(self, most: int = 100) -> list[dict[str, Any]]:
+        """Ready symbols that no connected worker could ever run (backend or labels)."""
+        can: dict[tuple[str, tuple[tuple[str, str], ...]], bool] = {}
+        out: list[dict[str, Any]] = []
+        for run in self._runs.values():
+            if run.state in RUN_FINAL:
+                continue
+            for t in itertools.chain(run.tasks.values(), run.rollbacks):
+                if t.state is not TaskState.READY:
+                    continue
+                need = (t.dispatch, tuple(sorted(t.requires.items())))
+                if need not in can:
+                    can[need] = any(t.dispatch in n.caps and all(
+                        n.labels.get(k) == v for k, v in need[1]) for n in self._nodes.values())
+                if not can[need] and len(out) < most:
+                    out.append({"run_id": run.id, "symbol": t.name, "dispatch": t.dispatch,
+                                "requires": dict(t.requires)})
+        return out
 
     def forget_finished(self) -> None:
         """Drop finished runs from memory (their records stay in the state DB)."""
@@ -206,6 +229,13 @@ class Scheduler:
 
     def validate(self) -> None:
         """Check the invariants; tests call this after every step."""
+        held: dict[str, int] = {}
+        for run in self._runs.values():
+            for t in itertools.chain(run.tasks.values(), run.rollbacks):
+                if t.holding:
+                    for k in t.resources:
+                        held[k] = held.get(k, 0) + 1
+        assert held == self._held, (held, self._held)
         for node in self._nodes.values():
             assert len(node.running) <= node.slots, f"{node.name} over its slots"
             for token, task in node.running.items():
@@ -273,6 +303,10 @@ class Scheduler:
                 d = run.tasks[dep]
                 task.deps.append(d)
                 d.dependents.append(task)
+        for level, names in enumerate(analysis.levels):
+            run.by_level.append([run.tasks[n] for n in names])
+            for n in names:
+                run.tasks[n].level = level
         return run
 
     def _on_restore(self, ev: RunRestored) -> None:
@@ -312,6 +346,8 @@ class Scheduler:
             for rb in run.rollbacks)
         if run.rollback_phase:
             run.state = RunState.ROLLING_BACK
+        run.wave = min((t.level for t in run.tasks.values() if t.state not in TERMINAL),
+                       default=len(run.by_level))
         for task in itertools.chain(run.tasks.values(), run.rollbacks):
             ok = (TaskState.COMPLETED, TaskState.ROLLED_BACK) + (
                 (TaskState.FAILED,) if task.kind == "rollback" else ())
@@ -328,6 +364,7 @@ class Scheduler:
         task.first_start = rec.first_start
         if state is TaskState.RUNNING:  # its worker may still report: hold it a while
             self._force(task, TaskState.RETRYING)
+            self._claim(task)  # and its locks: it may still be running out there
             task.orphan = task.token
             self._by_token[task.token] = task
             task.due = now + self.config.orphan_grace
@@ -414,6 +451,7 @@ class Scheduler:
                     and task.state in (TaskState.READY, TaskState.RETRYING)
                     and len(node.running) < node.slots):
                 self._set(task, TaskState.RUNNING)
+                self._claim(task)
                 task.node = node
                 task.orphan = 0
                 node.running[token] = task
@@ -514,6 +552,7 @@ class Scheduler:
                 or task.state not in (TaskState.READY, TaskState.RETRYING)):
             return None
         self._set(task, TaskState.RUNNING)
+        self._claim(task)
         task.orphan = 0
         return task
 
@@ -621,8 +660,33 @@ class Scheduler:
                 self._make_ready(d, now)
 
     def _make_ready(self, task: Task, now: float) -> None:
+        if task.run.waves and task.kind == "main" and task.level > task.run.wave:
+            return  # waits for its wave: the barrier opens in _advance_waves
         self._set(task, TaskState.READY)
         self._push_ready(task, now)
+
+    def _advance_waves(self, run: Run, now: float) -> None:
+        """Waves mode: when every symbol of the running level is done, checkpoint it and
+        open the next level, unless something in it failed."""
+        while run.wave < len(run.by_level) and all(
+                t.state in TERMINAL for t in run.by_level[run.wave]):
+            level = run.by_level[run.wave]
+            counts: dict[str, int] = {}
+            for t in level:
+                counts[t.state.value] = counts.get(t.state.value, 0) + 1
+            self._journal("run.wave_completed", now, run, data={
+                "wave": run.wave, "of": len(run.by_level), "counts": counts})
+            run.wave += 1
+            if run.failed:  # a failing wave stops the run before the next wave starts
+                self._skip([t for t in run.tasks.values() if t.state is TaskState.PENDING],
+                           now, f"wave {run.wave - 1} failed")
+                run.wave = len(run.by_level)
+                return
+            if run.halted or run.wave >= len(run.by_level):
+                return
+            for t in run.by_level[run.wave]:
+                if t.state is TaskState.PENDING and t.waiting == 0:
+                    self._make_ready(t, now)
 
     def _push_ready(self, task: Task, now: float, reason: str = "") -> None:
         heapq.heappush(self._ready.setdefault(task.dispatch, []),
@@ -680,6 +744,8 @@ class Scheduler:
             created[id(t)] = self._add_rollback(t, list(after.values()), now)
 
     def _check_run(self, run: Run, now: float) -> None:
+        if run.waves and run.state not in RUN_FINAL:
+            self._advance_waves(run, now)
         if run.state in RUN_FINAL or run.unfinished:
             return
         if run.failed and run.workflow.on_failure == "rollback" and not run.rollback_phase:
@@ -702,33 +768,48 @@ class Scheduler:
     # --- placement --------------------------------------------------------------------
 
     def _dispatch(self, now: float) -> None:
+        if self._unplaced:  # a slot may have freed or a worker joined since
+            self._retry_set_aside(self._unplaced)
         if not self._ready or not self._nodes:
             return
         while True:
             best: tuple[Any, ...] | None = None
             best_node: Node | None = None
             best_heap: list[tuple[tuple[Any, ...], int, Task]] | None = None
-            for dispatch, heap in self._ready.items():
-                while heap and (heap[0][2].state is not TaskState.READY
-                                or heap[0][2].run.paused):
-                    _, _, t = heapq.heappop(heap)
-                    if t.state is TaskState.READY:  # its run is paused: set it aside
-                        t.run.parked.append(t)
-                if not heap or (best is not None and heap[0][:2] >= best):
-                    continue
-                node = self._pick_node(dispatch)
-                if node is not None:
+            for heap in self._ready.values():
+                node = None
+                while heap:
+                    t = heap[0][2]
+                    if t.state is not TaskState.READY:
+                        heapq.heappop(heap)
+                    elif t.run.paused:  # set aside until its run resumes
+                        t.run.parked.append(heapq.heappop(heap)[2])
+                    elif t.resources and not self._resources_free(t):
+                        # Waiting for a lock never holds back the symbols behind it.
+                        self._blocked.append(heapq.heappop(heap)[2])
+                    elif best is not None and heap[0][:2] >= best:
+                        break
+                    elif (node := self._pick_node(t)) is None and t.requires:
+                        self._unplaced.append(heapq.heappop(heap)[2])  # no match free now
+                    else:
+                        break
+                if node is not None and heap and (best is None or heap[0][:2] < best):
                     best, best_node, best_heap = heap[0][:2], node, heap
             if best_node is None or best_heap is None:
                 return
             _, _, task = heapq.heappop(best_heap)
             self._start(task, best_node, now)
 
-    def _pick_node(self, dispatch: str) -> Node | None:
+    def _pick_node(self, task: Task) -> Node | None:
+        """A free worker that runs the task's backend and has its labels; least loaded
+        first (or the first registered, without load balancing)."""
+        dispatch, requires = task.dispatch, task.requires
         best: Node | None = None
         best_key: tuple[float, int] | None = None
         for node in self._nodes.values():
             if dispatch not in node.caps or node.free <= 0:
+                continue
+            if requires and any(node.labels.get(k) != v for k, v in requires.items()):
                 continue
             if not self.config.load_balancing:
                 key: tuple[float, int] = (0.0, node.seq)
@@ -740,6 +821,7 @@ class Scheduler:
 
     def _start(self, task: Task, node: Node, now: float) -> None:
         self._set(task, TaskState.RUNNING)
+        self._claim(task)
         task.attempts += 1
         if task.first_start is None:
             task.first_start = now
@@ -763,6 +845,32 @@ class Scheduler:
 
     # --- helpers ----------------------------------------------------------------------
 
+    def _resources_free(self, task: Task) -> bool:
+        caps = task.run.workflow.resources
+        return all(self._held.get(k, 0) < caps.get(k, 1) for k in task.resources)
+
+    def _claim(self, task: Task) -> None:
+        if task.resources and not task.holding:
+            task.holding = True
+            for k in task.resources:
+                self._held[k] = self._held.get(k, 0) + 1
+
+    def _release(self, task: Task) -> None:
+        task.holding = False
+        for k in task.resources:
+            self._held[k] -= 1
+            if not self._held[k]:
+                del self._held[k]
+        self._retry_set_aside(self._blocked)
+
+    def _retry_set_aside(self, tasks: list[Task]) -> None:
+        """Tasks set aside for a lock or a matching worker go back in line."""
+        for t in tasks:
+            if t.state is TaskState.READY:
+                heapq.heappush(self._ready.setdefault(t.dispatch, []),
+                               (self._key(t), next(self._seq), t))
+        tasks.clear()
+
     def _force(self, task: Task, state: TaskState) -> None:
         """Put a task in a state without a transition: only for rebuilding from records."""
         if state in TERMINAL and task.state not in TERMINAL:
@@ -775,6 +883,8 @@ class Scheduler:
     def _set(self, task: Task, state: TaskState) -> None:
         if state not in TASK_TRANSITIONS[task.state]:
             raise IllegalTransition(f"{task.id}: {task.state.value} -> {state.value}")
+        if task.holding and state is not TaskState.RUNNING:
+            self._release(task)  # success, failure, timeout, loss or cancel: all let go
         if state in TERMINAL and task.state not in TERMINAL:
             task.run.unfinished -= 1
             self._by_token.pop(task.token, None)

@@ -76,7 +76,9 @@ class Operations:
         run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         if a.get("follow"):
             peer.watching.add(run_id)
-        self.d._feed(c.RunSubmitted(run_id, wf, time.time(), reuse, resumed_from))
+        durations = await self.d.store.expected_durations(
+            wf.name, {s.name: s.dispatch for s in wf.symbols})
+        self.d._feed(c.RunSubmitted(run_id, wf, time.time(), reuse, resumed_from, durations))
         log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
                  f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "")
         self._reply_after_commit(peer, req, {"run_id": run_id, "attached": False,

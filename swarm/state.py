@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import statistics
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +23,7 @@ from .core import Journal, TaskRecord
 from .errors import StateError
 
 SCHEMA_VERSION = 1
+DEFAULT_DURATION_MS = 1000.0  # expected duration of a symbol with no history at all
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -357,6 +359,27 @@ class Store:
                 "SELECT name, slots, joined_at, left_at FROM nodes WHERE joined_at <= ?"
                 " AND (left_at IS NULL OR left_at >= ?)", (end, run["created_at"])),
         }
+
+    async def expected_durations(self, workflow: str, symbols: dict[str, str],
+                                 default: float = DEFAULT_DURATION_MS) -> dict[str, float]:
+        """Expected ms per symbol (name -> dispatch given): the median of that symbol's past
+        successful attempts in runs of this workflow, else of its backend's, else `default`."""
+        own: dict[str, list[float]] = {}
+        for r in await self._rows(
+                "SELECT t.symbol AS symbol, a.duration_ms AS ms FROM attempts a"
+                " JOIN tasks t ON t.task_id = a.task_id JOIN runs r ON r.run_id = a.run_id"
+                " WHERE r.workflow = ? AND a.outcome = 'ok' AND t.kind = 'main'"
+                " ORDER BY a.token DESC LIMIT 200000", (workflow,)):
+            own.setdefault(r["symbol"], []).append(r["ms"])
+        by_backend: dict[str, list[float]] = {}
+        for r in await self._rows(
+                "SELECT t.dispatch AS dispatch, a.duration_ms AS ms FROM attempts a"
+                " JOIN tasks t ON t.task_id = a.task_id WHERE a.outcome = 'ok'"
+                " ORDER BY a.token DESC LIMIT 200000"):
+            by_backend.setdefault(r["dispatch"], []).append(r["ms"])
+        backend = {k: statistics.median(v) for k, v in by_backend.items()}
+        return {name: statistics.median(own[name]) if name in own
+                else backend.get(dispatch, default) for name, dispatch in symbols.items()}
 
     async def runs_by_status(self) -> dict[str, int]:
         rows = await self._rows("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")

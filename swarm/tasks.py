@@ -61,7 +61,7 @@ class IllegalTransition(SwarmError):
 class Task:
     __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                  "dependents", "deps", "node", "token", "due", "first_start", "key",
-                 "parent", "orphan")
+                 "parent", "orphan", "resources", "requires", "level", "holding")
 
     def __init__(self, run: Run, name: str, kind: str, spec: Symbol | RollbackSpec,
                  parent: Task | None = None) -> None:
@@ -83,6 +83,11 @@ class Task:
         self.first_start: float | None = None
         self.key: tuple[Any, ...] = ()
         self.orphan = 0  # token of an attempt whose worker was lost; its result is welcome
+        # Exclusive (or counted) locks held while it runs, and the worker labels it needs.
+        self.resources: tuple[str, ...] = getattr(spec, "resources", ())
+        self.requires: dict[str, str] = getattr(spec, "requires", {})
+        self.level = 0  # its wave: 0 without dependencies, else 1 + its deepest dependency's
+        self.holding = False  # it holds its resources now
 
     @property
     def dispatch(self) -> str:
@@ -96,7 +101,7 @@ class Task:
 class Run:
     __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
                  "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash",
-                 "paused", "parked", "cancelled")
+                 "paused", "parked", "cancelled", "waves", "wave", "by_level")
 
     def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
         self.id = run_id
@@ -115,6 +120,9 @@ class Run:
         self.paused = False  # ready tasks wait in `parked` instead of starting
         self.parked: list[Task] = []
         self.cancelled = False
+        self.waves = workflow.mode == "waves"  # a barrier between levels
+        self.wave = 0  # the level running now (waves mode)
+        self.by_level: list[list[Task]] = []
 
 
 class Node:

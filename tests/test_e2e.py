@@ -378,3 +378,28 @@ def test_workers_reconnect_by_themselves_when_the_dispatcher_comes_back(
     cp = cluster.deploy(REPO / "examples" / "hello.yaml")
     assert cp.returncode == 0, cp.stderr
     assert {t["node"] for t in result_json(cp)["tasks"]} == {"w1"}
+
+
+def test_labels_route_symbols_and_a_resource_serializes_them_across_workers(
+        cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_dispatcher()
+    eu = cluster.write_config("eu.toml", '[worker.labels]\nzone = "eu"\n')
+    cluster.start_worker("plain", slots=4)
+    cluster.start_worker("eu-1", eu, slots=4)
+    m = write_manifest(tmp_path, """
+        name: routed
+        version: "1"
+        symbols:
+          - {name: gdpr, type: action, requires: {zone: eu}, parameters: {handler: noop}}
+          - {name: m1, type: action, resources: [db], parameters: {handler: delay, ms: 150}}
+          - {name: m2, type: action, resources: [db], parameters: {handler: delay, ms: 150}}
+          - {name: m3, type: action, resources: [db], parameters: {handler: delay, ms: 150}}
+    """)
+    cp = cluster.deploy(m)
+    assert cp.returncode == 0, cp.stderr
+    run_id = result_json(cp)["run_id"]
+    assert cluster.tasks(run_id)["gdpr"]["node"] == "eu-1"
+    spans = sorted((r["started_at"], r["finished_at"]) for r in cluster.query(
+        "SELECT a.started_at, a.finished_at FROM attempts a JOIN tasks t ON t.task_id ="
+        " a.task_id WHERE t.symbol LIKE 'm%' AND a.run_id = ?", (run_id,)))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
