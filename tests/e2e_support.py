@@ -185,6 +185,10 @@ class Cluster:
         finally:
             con.close()
 
+    def run_status(self, run_id: str) -> str:
+        rows = self.query("SELECT status FROM runs WHERE run_id = ?", (run_id,))
+        return str(rows[0]["status"]) if rows else ""
+
     def node_connected(self, name: str) -> bool:
         return bool(self.query("SELECT 1 FROM nodes WHERE name = ? AND status = 'connected'",
                                (name,)))

@@ -27,10 +27,6 @@ from swarm.protocol import Event
 pytestmark = [pytest.mark.timeout(180)]
 
 
-def run_status(cluster: Cluster, run_id: str) -> str:
-    rows = cluster.query("SELECT status FROM runs WHERE run_id = ?", (run_id,))
-    return str(rows[0]["status"]) if rows else ""
-
 
 def http_get(url: str) -> tuple[int, str, str]:
     with urllib.request.urlopen(url, timeout=10) as r:  # only the cluster's 127.0.0.1 URL
@@ -123,15 +119,15 @@ def test_pause_resume_and_cancel_are_recorded_and_survive_a_restart(cluster: Clu
     wait_for(lambda: cluster.tasks(run_id)["a"]["state"] == "running", what="a to start")
     cp = cluster.cli("pause", run_id, "--url", cluster.url)
     assert cp.returncode == 0 and "paused" in cp.stdout
-    assert run_status(cluster, run_id) == "paused"
+    assert cluster.run_status(run_id) == "paused"
     wait_for(lambda: cluster.tasks(run_id)["a"]["state"] == "completed", what="a to finish")
     # b would have started in the same commit that completed a: it did not.
     assert cluster.tasks(run_id)["b"]["state"] == "ready"
     assert cluster.stop("dispatcher") == 0
     cluster.start_dispatcher(port=port)
-    assert run_status(cluster, run_id) == "paused"
+    assert cluster.run_status(run_id) == "paused"
     assert cluster.cli("resume", run_id, "--url", cluster.url).returncode == 0
-    wait_for(lambda: run_status(cluster, run_id) == "completed", what="the resumed run")
+    wait_for(lambda: cluster.run_status(run_id) == "completed", what="the resumed run")
     kinds = [r["kind"] for r in cluster.query(
         "SELECT kind FROM events WHERE run_id = ? AND kind LIKE 'run.%' ORDER BY seq",
         (run_id,))]
@@ -173,7 +169,7 @@ def test_cancel_terminates_running_backends_and_can_roll_back(cluster: Cluster,
     pid = int(pids.read_text().split()[0])
     cp = cluster.cli("cancel", run_id, "--rollback", "--url", cluster.url)
     assert cp.returncode == 0, cp.stderr
-    wait_for(lambda: run_status(cluster, run_id) == "cancelled", what="the run to end")
+    wait_for(lambda: cluster.run_status(run_id) == "cancelled", what="the run to end")
     tasks = cluster.tasks(run_id)
     assert tasks["hang"]["state"] == tasks["later"]["state"] == "cancelled"
     assert tasks["a"]["state"] == "rolled_back" and tasks["undo_a"]["state"] == "completed"

@@ -34,10 +34,6 @@ def completions(cluster: Cluster, run_id: str) -> Counter[str]:
         "SELECT symbol FROM events WHERE run_id = ? AND kind = 'symbol.completed'", (run_id,)))
 
 
-def run_status(cluster: Cluster, run_id: str) -> str:
-    rows = cluster.query("SELECT status FROM runs WHERE run_id = ?", (run_id,))
-    return str(rows[0]["status"]) if rows else ""
-
 
 def test_a_stopped_worker_is_declared_dead_and_its_late_result_is_dropped(
         cluster: Cluster, tmp_path: Path) -> None:
@@ -55,7 +51,7 @@ def test_a_stopped_worker_is_declared_dead_and_its_late_result_is_dropped(
     first = cluster.tasks(run_id)["slow"]["token"]
     cluster.kill("w1", signal.SIGSTOP)  # its TCP connection stays open, it just goes silent
     cluster.start_worker("w2", slots=1)
-    wait_for(lambda: run_status(cluster, run_id) == "completed", timeout=30,
+    wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=30,
              what="the run to complete on w2")
     assert cluster.tasks(run_id)["slow"]["node"] == "w2"
     cluster.kill("w1", signal.SIGCONT)
@@ -112,7 +108,7 @@ def test_kill_9_of_the_dispatcher_mid_run_resumes_without_rerunning_completed_sy
     cluster.start_dispatcher(port=port)
     watch = cluster.cli("watch", run_id, "--url", cluster.url)
     assert watch.returncode == 0, watch.stdout + watch.stderr
-    assert run_status(cluster, run_id) == "completed"
+    assert cluster.run_status(run_id) == "completed"
     assert completions(cluster, run_id) == Counter({f"s{i}": 1 for i in range(1, 7)})
     tasks = cluster.tasks(run_id)
     for name in done_before:
@@ -140,7 +136,7 @@ def test_a_retry_timer_keeps_its_due_time_across_a_dispatcher_restart(
     due = cluster.tasks(run_id)["later"]["due_at"]
     assert cluster.stop("dispatcher") == 0  # SIGTERM: flushed, going-away, exit 0
     cluster.start_dispatcher(port=port)
-    wait_for(lambda: run_status(cluster, run_id) == "completed", timeout=30,
+    wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=30,
              what="the retry after the restart")
     (second,) = cluster.query("SELECT started_at FROM attempts WHERE run_id = ? AND attempt = 2",
                               (run_id,))
@@ -342,7 +338,7 @@ def test_chaos_soak_of_500_tasks_over_3_workers_killed_at_random(cluster: Cluste
     run_id = cluster.detach(m)
     kills, generation = 0, {n: 0 for n in range(3)}
     deadline = time.monotonic() + 150
-    while run_status(cluster, run_id) == "running" and time.monotonic() < deadline:
+    while cluster.run_status(run_id) == "running" and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.2, 0.6))  # a seeded chaos schedule, not a wait for a result
         if kills >= 12:
             continue
@@ -351,7 +347,7 @@ def test_chaos_soak_of_500_tasks_over_3_workers_killed_at_random(cluster: Cluste
         generation[n] += 1
         kills += 1
         cluster.start_worker(f"w{n}-{generation[n]}", slots=4, wait=False)
-    assert run_status(cluster, run_id) == "completed", cluster.log("dispatcher")[-3000:]
+    assert cluster.run_status(run_id) == "completed", cluster.log("dispatcher")[-3000:]
     assert kills >= 6
     tasks = cluster.tasks(run_id)
     assert len(tasks) == 500 and all(t["state"] == "completed" for t in tasks.values())
@@ -384,6 +380,6 @@ def test_a_worker_back_from_a_stop_is_told_to_abandon_an_attempt_taken_over(
     cluster.kill("w1", signal.SIGCONT)  # back while its attempt still runs
     wait_for(lambda: f"abandoning attempt {first}" in cluster.log("w1"), timeout=30,
              what="w1 to be told to abandon its attempt")
-    wait_for(lambda: run_status(cluster, run_id) == "completed", timeout=30, what="the run")
+    wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=30, what="the run")
     assert completions(cluster, run_id) == Counter({"long": 1})
     assert not cluster.query("SELECT 1 FROM events WHERE kind = 'result.dropped'")
