@@ -147,8 +147,8 @@ class Client:
         for run_id, queue in self._listeners:
             if run_id is None or run_id == ev.run_id:
                 queue.put_nowait(ev)
-                heard = heard or run_id == ev.run_id
-        if not heard:
+                heard = True
+        if not heard and ev.run_id is not None:
             self._backlog.setdefault(ev.run_id, deque(maxlen=EVENT_BACKLOG)).append(ev)
 
     async def request(self, op: str, **args: Any) -> Any:
