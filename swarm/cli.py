@@ -129,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_simulate_arguments(cmd("simulate", "compare scheduling policies on random workflows "
                                            "with a virtual clock"))
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(cmd("bench", "measure dispatch throughput, latency, CPU and scale on "
+                                     "a local swarm with a real state DB"))
 
     sp = cmd("validate", "check a manifest and report every problem")
     sp.add_argument("manifest")
@@ -258,6 +262,12 @@ async def _expected(wf: Workflow, db: str) -> dict[str, float]:
         await store.close()
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main_bench
+
+    return main_bench(args)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from .simulate import main_simulate
 
@@ -291,6 +301,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": commands.cmd_status,
     "run": cmd_run,
     "simulate": _simulate,
+    "bench": _bench,
     "config": cmd_config,
     "plan": cmd_plan,
     "validate": cmd_validate,

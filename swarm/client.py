@@ -44,7 +44,7 @@ EVENT_BACKLOG = 10_000  # events kept per run until someone listens for them
 
 class Client:
     def __init__(self, url: str, *, token: str = "", name: str = "cli",
-                 open_timeout: float = 10.0, max_size: int = 1 << 20,
+                 open_timeout: float = 10.0, max_size: int = 256 << 20,
                  ssl: ssl_module.SSLContext | None = None) -> None:
         self.ssl = ssl
         self.url = url

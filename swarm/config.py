@@ -33,6 +33,7 @@ class DispatcherConfig:
     websocket_port: int = DEFAULT_PORT
     host: str = "127.0.0.1"
     max_frame_size: int = 1 << 20  # bytes; larger frames close that connection (1009)
+    max_request_size: int = 128 << 20  # bytes a client may send once authenticated (deploys)
     max_connections: int = 1000  # workers and clients at once; more are refused (1013)
     synchronous: str = "FULL"  # SQLite synchronous pragma: FULL or NORMAL
 

@@ -355,9 +355,10 @@ class Dispatcher:
     async def _messages(self, ws: ServerConnection, hello: p.Hello
                         ) -> AsyncIterator[p.Message]:
         """The decoded frames of one connection; a bad frame closes that connection only."""
+        limit = ws.protocol.max_message_size or self.config.dispatcher.max_frame_size
         async for frame in ws:
             try:
-                msg = p.decode(frame, self.config.dispatcher.max_frame_size)
+                msg = p.decode(frame, limit)
             except RemoteProtocolError as e:
                 log.warning("%s %s sent a bad frame: %s", hello.role, hello.name, e)
                 await ws.close(p.CLOSE_INVALID_DATA, "bad frame")
@@ -406,6 +407,8 @@ class Dispatcher:
             await peer.close()
 
     async def _serve_client(self, ws: ServerConnection, hello: p.Hello) -> None:
+        # Only now, authenticated, may it send large frames (a deploy of many symbols).
+        ws.protocol.max_message_size = self.config.dispatcher.max_request_size
         peer = _Peer(ws, "client", hello.name)
         self._clients.add(peer)
         peer.send(p.Welcome(node_id="", version=__version__,

@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome TEXT NOT NULL, exit_code INTEGER, duration_ms REAL, result TEXT, error TEXT,
     stderr TEXT, truncated INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS attempts_by_task ON attempts (task_id);
+CREATE INDEX IF NOT EXISTS attempts_by_run ON attempts (run_id);
+CREATE INDEX IF NOT EXISTS runs_by_workflow ON runs (workflow, created_at);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
     run_id TEXT, task_id TEXT, symbol TEXT, node TEXT, attempt INTEGER, data TEXT NOT NULL);
@@ -366,17 +368,22 @@ class Store:
         successful attempts in runs of this workflow, else of its backend's, else `default`."""
         own: dict[str, list[float]] = {}
         for r in await self._rows(
+                # The last runs of this workflow are history enough, and keep this cheap.
                 "SELECT t.symbol AS symbol, a.duration_ms AS ms FROM attempts a"
-                " JOIN tasks t ON t.task_id = a.task_id JOIN runs r ON r.run_id = a.run_id"
-                " WHERE r.workflow = ? AND a.outcome = 'ok' AND t.kind = 'main'"
-                " ORDER BY a.token DESC LIMIT 200000", (workflow,)):
+                " JOIN tasks t ON t.task_id = a.task_id WHERE a.run_id IN (SELECT run_id FROM"
+                " runs WHERE workflow = ? ORDER BY created_at DESC LIMIT 10)"
+                " AND a.outcome = 'ok' AND t.kind = 'main'", (workflow,)):
             own.setdefault(r["symbol"], []).append(r["ms"])
         by_backend: dict[str, list[float]] = {}
-        for r in await self._rows(
-                "SELECT t.dispatch AS dispatch, a.duration_ms AS ms FROM attempts a"
-                " JOIN tasks t ON t.task_id = a.task_id WHERE a.outcome = 'ok'"
-                " ORDER BY a.token DESC LIMIT 200000"):
-            by_backend.setdefault(r["dispatch"], []).append(r["ms"])
+        missing = sorted({d for name, d in symbols.items() if name not in own})
+        if missing:  # only the backends of symbols without a history of their own
+            marks = ", ".join("?" * len(missing))
+            for r in await self._rows(
+                    "SELECT t.dispatch AS dispatch, a.duration_ms AS ms FROM attempts a"
+                    " JOIN tasks t ON t.task_id = a.task_id WHERE a.outcome = 'ok'"
+                    f" AND t.dispatch IN ({marks}) ORDER BY a.token DESC LIMIT 2000",
+                    tuple(missing)):
+                by_backend.setdefault(r["dispatch"], []).append(r["ms"])
         backend = {k: statistics.median(v) for k, v in by_backend.items()}
         return {name: statistics.median(own[name]) if name in own
                 else backend.get(dispatch, default) for name, dispatch in symbols.items()}

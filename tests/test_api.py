@@ -149,3 +149,13 @@ def test_the_readme_python_example_runs(tmp_path: Path) -> None:
                         timeout=100, cwd=tmp_path)
     assert cp.returncode == 0, cp.stderr
     assert "completed hello, swarm" in cp.stdout and "100% completed" in cp.stdout
+
+
+async def test_a_run_larger_than_one_frame_deploys_and_reports() -> None:
+    # 10,000 symbols: the deploy and the run's record are both well over 1 MiB.
+    wf = swarm.Workflow(name="big", version="1", symbols=tuple(
+        swarm.Symbol(name=f"s{i:05d}", type="action", parameters={"handler": "noop"})
+        for i in range(10_000)))
+    async with swarm.LocalSwarm(quick(), workers=1, slots=64, processes=False) as ls:
+        result = await (await ls.client.deploy(wf)).wait()
+    assert result.ok and len(result.symbols) == 10_000
