@@ -1044,7 +1044,14 @@ def _attacks(rng: random.Random) -> list[tuple[str, list[bytes | str], set[int]]
          CLOSE_BAD),
         ("truncated request", [_hello(), status[:-1]], CLOSE_BAD),
         ("text frame after hello", [_hello(), "status"], CLOSE_BAD),
-        ("frame over max_size", [_hello(), b"\x00" * (2 << 20)], {p.CLOSE_TOO_BIG}),
+        # Before its hello, and from a worker, max_frame_size (1 MiB) holds; an
+        # authenticated client may send up to max_request_size (a large deploy).
+        ("frame over max_size before hello", [b"\x00" * (2 << 20)], {p.CLOSE_TOO_BIG}),
+        ("worker frame over max_size",
+         [_hello("worker", slots=1), b"\x00" * (2 << 20)], {p.CLOSE_TOO_BIG}),
+        # Sent right behind the hello, before the welcome: either limit may still apply.
+        ("client garbage of 2 MiB", [_hello(), b"\x00" * (2 << 20)],
+         CLOSE_BAD | {p.CLOSE_TOO_BIG}),
     ]
 
 
