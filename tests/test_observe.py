@@ -254,6 +254,11 @@ def test_healthz_and_metrics_beside_the_websocket(cluster: Cluster, tmp_path: Pa
     assert count == [2]  # one assignment per symbol
     assert families["swarm_journal_write_seconds"].type == "histogram"
     assert "swarm_symbols" in families
+    watch = cluster.cli("status", "--url", cluster.url, "--watch", "--count", "2",
+                        "--interval", "0.1", "--json")
+    frames = [json.loads(line) for line in watch.stdout.splitlines()]
+    assert watch.returncode == 0 and len(frames) == 2
+    assert all(f["nodes"][0]["name"] == "w1" for f in frames)
 
 
 def _event(kind: str, symbol: str | None = None, node: str | None = None,
