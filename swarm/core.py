@@ -100,6 +100,8 @@ class Scheduler:
         self._next_token = self.config.first_token
         self._out: list[Command] = []
         self._assign: dict[str, list[TaskAssignment]] = {}
+        self._liveness_every = min(1.0, self.config.heartbeat_timeout / 4)
+        self._liveness_at: float | None = None  # when silent nodes are looked for next
         self._held: dict[str, int] = {}  # resource key -> units held, across all runs
         self._blocked: list[Task] = []  # ready, but a resource is held
         self._unplaced: list[Task] = []  # ready, but no free worker has its labels
@@ -139,6 +141,8 @@ class Scheduler:
                 self._on_cancel(event)
             case _:
                 raise IllegalTransition(f"unknown event {event!r}")
+        if type(event) is NodeHeartbeat and not self._out:
+            return []  # the common case, a thousand times a second with many workers
         self._dispatch(getattr(event, "now", 0.0))
         out = self._out
         for nid, tasks in self._assign.items():
@@ -154,9 +158,8 @@ class Scheduler:
             heapq.heappop(self._timers)
         if self._timers:
             times.append(self._timers[0][0])
-        if self._nodes:
-            times.append(min(n.last_seen for n in self._nodes.values())
-                         + self.config.heartbeat_timeout)
+        if self._nodes and self._liveness_at is not None:
+            times.append(self._liveness_at)
         return min(times) if times else None
 
     @property
@@ -440,6 +443,8 @@ class Scheduler:
             self._on_node_gone(old.id, ev.now, "replaced", False)
         node = Node(ev, next(self._node_seq))
         self._nodes[node.id] = node
+        if self._liveness_at is None:
+            self._liveness_at = ev.now + self._liveness_every
         self._journal("node.joined", ev.now, node=node.name, data={
             "node_id": node.id, "capabilities": sorted(node.caps), "slots": node.slots,
             "labels": node.labels})
@@ -518,6 +523,11 @@ class Scheduler:
             if task.state is TaskState.RETRYING:
                 self._set(task, TaskState.READY)
                 self._push_ready(task, now, reason="retry")
+        if self._liveness_at is None or now < self._liveness_at:
+            return
+        # Checked on a coarse beat rather than per node: with many workers, finding the
+        # next expiry would cost a scan of all of them on every event.
+        self._liveness_at = now + self._liveness_every
         limit = now - self.config.heartbeat_timeout
         for node in [n for n in self._nodes.values() if n.last_seen < limit]:
             self._out.append(CloseNode(node.id, "no heartbeat"))
