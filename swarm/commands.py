@@ -44,14 +44,13 @@ def event_json(ev: Event) -> dict[str, Any]:
 async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = None
                  ) -> dict[str, Any]:
     """Follow a run to its end, live for humans or as NDJSON; print its result."""
-    wait = c.follow
     try:
         if as_json:
             def line(ev: Event) -> None:
                 if ev.run_id == run_id:
                     print(json.dumps(event_json(ev), default=str), flush=True)
 
-            run = await wait(run_id, line)
+            run = await c.follow(run_id, line)
             print(json.dumps({"summary": run}, default=str), flush=True)
             return run
         from .console import Follower, console, print_run
@@ -64,7 +63,7 @@ async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = N
                        for t in tasks)
         out = console()
         with Follower(out, run_id, total, done) as f:
-            run = await wait(run_id, f.on_event)
+            run = await c.follow(run_id, f.on_event)
         print_run(out, run)
         return run
     except ConnectionFailed as e:

@@ -232,7 +232,7 @@ INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # what SQLite and every peer can h
 MAX_DEPTH = 64
 
 
-def _data(v: Any, w: str, depth: int = 0) -> Any:
+def check_data(v: Any, w: str, depth: int = 0) -> Any:
     """Free-form data (parameters, outputs): JSON-like, str keys, 64-bit ints, bounded depth."""
     if v is None or isinstance(v, (bool, float, str, bytes)):
         return v
@@ -244,13 +244,13 @@ def _data(v: Any, w: str, depth: int = 0) -> Any:
         raise RemoteProtocolError(f"field '{w}': nested deeper than {MAX_DEPTH}")
     if isinstance(v, list):
         for x in v:
-            _data(x, w, depth + 1)
+            check_data(x, w, depth + 1)
         return v
     if isinstance(v, dict):
         for k, x in v.items():
             if not isinstance(k, str):
                 _fail(w, "string map keys", k)
-            _data(x, w, depth + 1)
+            check_data(x, w, depth + 1)
         return v
     _fail(w, "plain data", v)
 
@@ -263,7 +263,7 @@ def _checker(tp: Any) -> Check:
     """Build a validator/converter for one annotated type (done once per class)."""
     origin = typing.get_origin(tp)
     if tp is Any:
-        return _data
+        return check_data
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         inner = [_checker(a) for a in args if a is not type(None)]
@@ -388,7 +388,7 @@ def _check_request(req: Request) -> None:
         tp = schema[key][0]
         if type(value) is not tp:
             _fail(f"args.{key}", tp.__name__, value)
-        _data(value, f"args.{key}")
+        check_data(value, f"args.{key}")
     for key, (_, required) in schema.items():
         if required and key not in req.args:
             raise RemoteProtocolError(f"request '{req.op}' lacks argument '{key}'")

@@ -55,9 +55,8 @@ def _sendable(result: p.TaskResult) -> p.TaskResult:
     """A result the dispatcher will accept: trimmed to the frame budget, and replaced by a
     failure if the backend's output cannot cross the wire (huge ints, non-string keys)."""
     try:
-        fitted = _fit(result, RESULT_FRAME_BUDGET)
-        p.decode(p.encode(p.Results((fitted,))))
-        return fitted
+        p.check_data(result.output, "output")  # the very check the dispatcher applies
+        return _fit(result, RESULT_FRAME_BUDGET)
     except ProtocolError as e:
         return p.TaskResult(
             token=result.token, task_id=result.task_id, ok=False, output=None,
