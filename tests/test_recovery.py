@@ -35,21 +35,30 @@ def completions(cluster: Cluster, run_id: str) -> Counter[str]:
 
 
 
-def test_a_stopped_worker_is_declared_dead_and_its_late_result_is_dropped(
-        cluster: Cluster, tmp_path: Path) -> None:
+def stop_worker_mid_symbol(cluster: Cluster, tmp_path: Path, symbol: str, ms: int
+                           ) -> tuple[str, int]:
+    """w1 starts `symbol` (a delay of `ms`) and is then SIGSTOPped: its TCP connection stays
+    open, it just goes silent. The run id and the attempt token it holds."""
     cluster.edit_config("heartbeat_timeout = 3000", "heartbeat_timeout = 1000")
     cluster.start_dispatcher()
     cluster.start_worker("w1", slots=1)
-    m = write_manifest(tmp_path, """
-        name: stale
+    m = write_manifest(tmp_path, f"""
+        name: stopped
         version: "1"
         symbols:
-          - {name: slow, type: action, parameters: {handler: delay, ms: 1500}}
+          - {{name: {symbol}, type: action, parameters: {{handler: delay, ms: {ms}}}}}
     """)
     run_id = cluster.detach(m)
-    wait_for(lambda: cluster.tasks(run_id)["slow"]["state"] == "running", what="slow to start")
-    first = cluster.tasks(run_id)["slow"]["token"]
-    cluster.kill("w1", signal.SIGSTOP)  # its TCP connection stays open, it just goes silent
+    wait_for(lambda: cluster.tasks(run_id)[symbol]["state"] == "running",
+             what=f"{symbol} to start")
+    token = int(cluster.tasks(run_id)[symbol]["token"])
+    cluster.kill("w1", signal.SIGSTOP)
+    return run_id, token
+
+
+def test_a_stopped_worker_is_declared_dead_and_its_late_result_is_dropped(
+        cluster: Cluster, tmp_path: Path) -> None:
+    run_id, first = stop_worker_mid_symbol(cluster, tmp_path, "slow", 1500)
     cluster.start_worker("w2", slots=1)
     wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=30,
              what="the run to complete on w2")
@@ -361,19 +370,7 @@ def test_chaos_soak_of_500_tasks_over_3_workers_killed_at_random(cluster: Cluste
 
 def test_a_worker_back_from_a_stop_is_told_to_abandon_an_attempt_taken_over(
         cluster: Cluster, tmp_path: Path) -> None:
-    cluster.edit_config("heartbeat_timeout = 3000", "heartbeat_timeout = 1000")
-    cluster.start_dispatcher()
-    cluster.start_worker("w1", slots=1)
-    m = write_manifest(tmp_path, """
-        name: abandon
-        version: "1"
-        symbols:
-          - {name: long, type: action, parameters: {handler: delay, ms: 6000}}
-    """)
-    run_id = cluster.detach(m)
-    wait_for(lambda: cluster.tasks(run_id)["long"]["state"] == "running", what="long to start")
-    first = cluster.tasks(run_id)["long"]["token"]
-    cluster.kill("w1", signal.SIGSTOP)
+    run_id, first = stop_worker_mid_symbol(cluster, tmp_path, "long", 6000)
     cluster.start_worker("w2", slots=1)
     wait_for(lambda: cluster.tasks(run_id)["long"]["node"] == "w2", timeout=30,
              what="w2 to take the symbol over")
