@@ -41,7 +41,6 @@ from .results import FINAL_RUN_EVENTS
 # no better beyond (bigger batches per frame and per commit); W2 and W3 do not suffer.
 DEFAULT_SLOTS = 256
 RUN_TIMEOUT = 600.0  # seconds one run may take before the benchmark gives up
-MAX_FRAME = 256 << 20  # a 100,000-symbol deploy is one ~12 MB frame
 ROOT = str(Path(__file__).resolve().parent.parent)
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 PEERS = {  # same 2-core machine, 2 workers: W1, W2, W3 tasks/s, W4 ms, CPU ms per task
@@ -448,7 +447,7 @@ async def w5_memory(bench: Bench, config_path: str) -> None:
                 raise BenchError("the W5 dispatcher did not start")
             await asyncio.sleep(0.05)
         wf = fanout(n, "bench-w5-queued")
-        async with Client(ready.read_text().strip(), max_size=MAX_FRAME) as client:
+        async with Client(ready.read_text().strip()) as client:
             await asyncio.sleep(0.5)
             before = rss_kib(proc.pid)
             await client.submit(wf, follow=False)  # answered once the run is committed
@@ -468,7 +467,6 @@ def write_config(folder: Path, slots: int, binary: str) -> str:
     path = folder / "bench-config.toml"
     path.write_text(f"""\
 [dispatcher]
-max_frame_size = {MAX_FRAME}
 max_connections = 4096
 [coordinator]
 max_workers = 4096
@@ -499,7 +497,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         db = args.db or str(bench.tmp / "state.db")
         async with LocalSwarm(config, workers=args.workers, slots=args.slots,
                               db_path=db) as ls, \
-                Client(ls.url, max_size=MAX_FRAME, name="bench") as client:
+                Client(ls.url, name="bench") as client:
             if "W1" in only:
                 await w1(bench, client, [proc.pid for proc in ls.procs])
             if "W2" in only:
