@@ -8,12 +8,14 @@ updates of each row merged into one statement, then the journal rows in order.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,7 @@ class _Batch:
     def __init__(self) -> None:
         self.inserts: dict[str, list[tuple[Any, ...]]] = {}
         self.updates: dict[str, dict[Any, dict[str, Any]]] = {}
+        self.late: dict[str, list[tuple[Any, ...]]] = {}  # after the merged updates
         self.events: list[tuple[Any, ...]] = []
 
     def insert(self, sql: str, row: tuple[Any, ...]) -> None:
@@ -86,9 +89,23 @@ class _Batch:
     def update(self, table: str, key: Any, **cols: Any) -> None:
         self.updates.setdefault(table, {}).setdefault(key, {}).update(cols)
 
+    def statements(self) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+        """Each statement with its rows, in the order they must run."""
+        yield from self.inserts.items()
+        for table, rows_by_key in self.updates.items():
+            groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+            for key, cols in rows_by_key.items():
+                groups.setdefault(tuple(cols), []).append((*cols.values(), key))
+            for names, rows in groups.items():
+                sets = ", ".join(f"{n} = ?" for n in names)
+                yield f"UPDATE {table} SET {sets} WHERE {_KEYS[table]} = ?", rows
+        yield from self.late.items()
+        yield _INSERT_EVENT, self.events
 
-_KEYS = {"tasks": "task_id", "attempts": "token", "runs": "run_id", "nodes": "node_id",
-         "rollbacks": "rowid"}
+
+_KEYS = {"tasks": "task_id", "attempts": "token", "runs": "run_id", "nodes": "node_id"}
+_INSERT_EVENT = ("INSERT INTO events (ts, kind, run_id, task_id, symbol, node, attempt, data)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 _INSERT_TASK = ("INSERT OR IGNORE INTO tasks (task_id, run_id, symbol, kind, parent, dispatch,"
                 " position, state, deps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -158,8 +175,8 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.update("tasks", tid, state="skipped", finished_at=e.ts, error=d["reason"])
     elif k == "symbol.rolled_back":
         b.update("tasks", tid, state="rolled_back")
-        b.insert("UPDATE rollbacks SET rolled_back_at = ? WHERE run_id = ? AND symbol = ?",
-                 (e.ts, e.run_id, e.symbol))
+        b.late.setdefault("UPDATE rollbacks SET rolled_back_at = ? WHERE run_id = ?"
+                          " AND symbol = ?", []).append((e.ts, e.run_id, e.symbol))
     elif k in _RUN_STATUS or k == "run.resumed":
         status = d["status"] if k == "run.resumed" else _RUN_STATUS[k]
         b.update("runs", e.run_id, status=status,
@@ -177,11 +194,84 @@ def _apply(b: _Batch, e: Journal) -> None:
     b.events.append((e.ts, k, e.run_id, tid, e.symbol, e.node, e.attempt, _json(data)))
 
 
-class Store:
-    """The state DB. Open with `await Store.open(path)`; all writes go through `write()`."""
+class _Writer:
+    """The one connection that writes, on a thread of its own: a group commit is one hop
+    to that thread and back, however many statements it holds (aiosqlite would make a hop
+    of each statement)."""
 
-    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="swarm-state")
+        self._con: sqlite3.Connection | None = None
+
+    async def call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run() -> Any:
+            assert self._con is not None
+            return fn(self._con)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
+    async def open(self, path: str, synchronous: str) -> None:
+        def connect() -> None:
+            try:
+                con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as e:
+                raise StateError(f"{path}: cannot open state database: {e}") from None
+            try:
+                _init(con, path, synchronous)
+            except BaseException as e:
+                con.close()
+                if isinstance(e, sqlite3.DatabaseError):
+                    raise StateError(f"{path}: not a usable swarm state database: {e}"
+                                     ) from None
+                raise
+            self._con = con
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+
+    async def close(self) -> None:
+        if self._con is not None:
+            await self.call(lambda con: con.close())
+        self._pool.shutdown(wait=True)
+
+
+def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    con.execute("PRAGMA busy_timeout=5000")
+    if con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
+                   ).fetchone() is not None:
+        row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{path}: schema version {version} is newer than this swarm "
+                             f"understands ({SCHEMA_VERSION}); upgrade swarm")
+    con.execute("BEGIN IMMEDIATE")
+    for stmt in _statements(SCHEMA):
+        con.execute(stmt)
+    con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),))
+    con.execute("COMMIT")
+
+
+def _commit(con: sqlite3.Connection, batch: _Batch) -> None:
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, rows in batch.statements():
+            con.executemany(sql, rows)
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+
+
+class Store:
+    """The state DB. Open with `await Store.open(path)`; all writes go through `write()`,
+    reads through a second, read-only connection (WAL lets both work at once)."""
+
+    def __init__(self, db: aiosqlite.Connection, writer: _Writer, path: str) -> None:
         self._db = db
+        self._writer = writer
         self.path = path
         self.write_seconds = 0.0  # total time spent committing, for metrics
         self.writes = 0
@@ -189,48 +279,26 @@ class Store:
     @classmethod
     async def open(cls, path: str | os.PathLike[str], synchronous: str = "FULL") -> Store:
         p = str(path)
+        if p == ":memory:":
+            raise StateError("the state database must be a file (readers and the writer "
+                             "share it)")
+        writer = _Writer()
         try:
-            if p != ":memory:":
-                Path(p).parent.mkdir(parents=True, exist_ok=True)
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            await writer.open(p, synchronous)
             db = await aiosqlite.connect(p, isolation_level=None)
-        except (sqlite3.Error, OSError) as e:
-            raise StateError(f"{p}: cannot open state database: {e}") from None
-        db.row_factory = sqlite3.Row
-        store = cls(db, p)
-        try:
-            await store._init(synchronous)
-        except sqlite3.DatabaseError as e:
-            await db.close()
-            raise StateError(f"{p}: not a usable swarm state database: {e}") from None
-        except StateError:
-            await db.close()
+            await db.execute("PRAGMA query_only=ON")
+        except BaseException as e:
+            await writer.close()
+            if isinstance(e, (sqlite3.Error, OSError)):
+                raise StateError(f"{p}: cannot open state database: {e}") from None
             raise
-        return store
-
-    async def _init(self, synchronous: str) -> None:
-        db = self._db
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        await db.execute("PRAGMA busy_timeout=5000")
-        cur = await db.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name='meta'")
-        if await cur.fetchone() is not None:
-            cur = await db.execute("SELECT value FROM meta WHERE key='schema_version'")
-            row = await cur.fetchone()
-            version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise StateError(
-                    f"{self.path}: schema version {version} is newer than this swarm "
-                    f"understands ({SCHEMA_VERSION}); upgrade swarm")
-        await db.execute("BEGIN IMMEDIATE")
-        for stmt in _statements(SCHEMA):
-            await db.execute(stmt)
-        await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                         (str(SCHEMA_VERSION),))
-        await db.execute("COMMIT")
+        db.row_factory = sqlite3.Row
+        return cls(db, writer, p)
 
     async def close(self) -> None:
         await self._db.close()
+        await self._writer.close()
 
     async def write(self, entries: Iterable[Journal]) -> None:
         """Commit a batch of journal entries in one transaction (group commit)."""
@@ -240,41 +308,14 @@ class Store:
         if not b.events:
             return
         t0 = time.perf_counter()
-        db = self._db
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, rows in b.inserts.items():
-                if sql.startswith("UPDATE"):
-                    continue
-                await db.executemany(sql, rows)
-            for table, rows_by_key in b.updates.items():
-                groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-                for key, cols in rows_by_key.items():
-                    names = tuple(cols)
-                    groups.setdefault(names, []).append((*cols.values(), key))
-                for names, rows in groups.items():
-                    sets = ", ".join(f"{n} = ?" for n in names)
-                    await db.executemany(
-                        f"UPDATE {table} SET {sets} WHERE {_KEYS[table]} = ?", rows)
-            for sql, rows in b.inserts.items():
-                if sql.startswith("UPDATE"):
-                    await db.executemany(sql, rows)
-            await db.executemany(
-                "INSERT INTO events (ts, kind, run_id, task_id, symbol, node, attempt, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", b.events)
-            await db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise
+        await self._writer.call(lambda con: _commit(con, b))
         self.write_seconds += time.perf_counter() - t0
         self.writes += 1
 
     # --- reads ------------------------------------------------------------------------
 
     async def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        cur = await self._db.execute(sql, params)
-        return [dict(r) for r in await cur.fetchall()]
+        return [dict(r) for r in await self._db.execute_fetchall(sql, params)]
 
     async def max_token(self) -> int:
         rows = await self._rows("SELECT COALESCE(MAX(token), 0) AS m FROM attempts")
