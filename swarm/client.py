@@ -37,7 +37,14 @@ from .errors import (
     RequestRefused,
 )
 from .model import Workflow
-from .results import FINAL_RUN_EVENTS, FINAL_RUN_STATES, ProgressTracker, RunResult, RunUpdate
+from .results import (
+    FINAL_RUN_EVENTS,
+    FINAL_RUN_STATES,
+    ProgressTracker,
+    RunResult,
+    RunUpdate,
+    ended_tasks,
+)
 
 EVENT_BACKLOG = 10_000  # events kept per run until someone listens for them
 
@@ -128,6 +135,9 @@ class Client:
                     fut = self._pending.pop(msg.id, None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
+                elif isinstance(msg, p.Events):
+                    for ev in msg.items:
+                        self._dispatch_event(ev)
                 elif isinstance(msg, p.Event):
                     self._dispatch_event(msg)
         except ConnectionClosed:
@@ -284,8 +294,7 @@ class Client:
         """Progress of a run, one update per event, until it ends (the last update is final)."""
         rec = await self.run(run_id)
         main = [t for t in rec["tasks"] if t["kind"] == "main"]
-        done = sum(t["state"] not in ("pending", "ready", "running", "retrying") for t in main)
-        tracker = ProgressTracker(run_id, len(main), done, rec["status"])
+        tracker = ProgressTracker(run_id, len(main), ended_tasks(main), rec["status"])
         events = self.events(run_id)
         try:
             if await self.subscribe(run_id) in FINAL_RUN_STATES:

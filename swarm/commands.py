@@ -17,6 +17,7 @@ from .config import Config, load_config
 from .errors import ConfigError, ConnectionFailed, InputError
 from .model import Workflow
 from .protocol import Event, to_dict
+from .results import ended_tasks
 from .tls import client_context
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -55,14 +56,13 @@ async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = N
             return run
         from .console import Follower, console, print_run
 
-        done = 0
+        ended: list[str] = []
         if total is None:
             tasks = [t for t in (await c.run(run_id))["tasks"] if t["kind"] == "main"]
             total = len(tasks)
-            done = sum(t["state"] not in ("pending", "ready", "running", "retrying")
-                       for t in tasks)
+            ended = ended_tasks(tasks)
         out = console()
-        with Follower(out, run_id, total, done) as f:
+        with Follower(out, run_id, total, ended) as f:
             run = await c.follow(run_id, f.on_event)
         print_run(out, run)
         return run

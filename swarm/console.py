@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from rich import box
@@ -261,15 +262,17 @@ class Follower:
     running symbols with node and elapsed time, and failures printed as they happen.
     Elsewhere: one plain line per event, no control codes."""
 
-    def __init__(self, out: Console, run_id: str, total: int, done: int = 0) -> None:
+    def __init__(self, out: Console, run_id: str, total: int, ended: Iterable[str] = ()
+                 ) -> None:
         self.out = out
-        self.progress = ProgressTracker(run_id, total, done)
+        self.progress = ProgressTracker(run_id, total, ended)
         self.live_mode = out.is_terminal
         self._bar_view = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
             TimeElapsedColumn(), console=out)
-        self._bar = self._bar_view.add_task(run_id, total=total, completed=done, rate="")
+        self._bar = self._bar_view.add_task(run_id, total=total,
+                                            completed=self.progress.completed, rate="")
         self._live: Live | None = None
 
     def __enter__(self) -> Follower:

@@ -67,14 +67,17 @@ class _Peer:
     dropped: bool = False
 
     def __post_init__(self) -> None:
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
         self.watching: set[str] = set()
+        self.events_queued = 0  # events in the frames of `queue`
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
         with contextlib.suppress(ConnectionClosed):
-            while (frame := await self.queue.get()) is not None:
+            while (item := await self.queue.get()) is not None:
+                frame, events = item
                 await self.ws.send(frame)
+                self.events_queued -= events
 
     def send(self, msg: p.Message) -> None:
         if self.queue.qsize() >= SEND_QUEUE:
@@ -85,19 +88,23 @@ class _Peer:
                 asyncio.get_running_loop().create_task(
                     self.ws.close(p.CLOSE_POLICY, "not reading"))
             return
-        self.queue.put_nowait(p.encode(msg))
+        self.queue.put_nowait((p.encode(msg), 0))
 
-    def publish(self, msg: p.Event) -> None:
-        """Events never block dispatch: past the bound they are counted, not queued (but a
-        run's own start and end always get through: followers wait for them)."""
-        if self.queue.qsize() >= CLIENT_QUEUE and not msg.kind.startswith("run."):
-            self.missed += 1
-            return
-        if self.missed:
-            self.queue.put_nowait(p.encode(p.Event(
-                kind="stream.gap", ts=msg.ts, data={"missed": self.missed})))
+    def publish(self, events: list[p.Event]) -> None:
+        """One frame for the events of one commit. Events never block dispatch: past the
+        bound they are counted, not queued (but a run's own start and end always get
+        through: followers wait for them)."""
+        if self.events_queued >= CLIENT_QUEUE:
+            kept = [ev for ev in events if ev.kind.startswith("run.")]
+            self.missed += len(events) - len(kept)
+            events = kept
+        elif self.missed:
+            events = [p.Event(kind="stream.gap", ts=events[0].ts,
+                              data={"missed": self.missed}), *events]
             self.missed = 0
-        self.queue.put_nowait(p.encode(msg))
+        if events:
+            self.events_queued += len(events)
+            self.queue.put_nowait((p.encode(p.Events(tuple(events))), len(events)))
 
     def wants(self, run_id: str | None) -> bool:
         return self.watch_all or (run_id is not None and run_id in self.watching)
@@ -295,17 +302,23 @@ class Dispatcher:
             self._feed(c.Tick(time.time()))
 
     def _publish(self, records: list[c.Journal]) -> None:
+        """The committed entries, as events, to the clients watching their runs."""
         if not self._clients:
             return
+        batches: dict[_Peer, list[p.Event]] = {}
         for r in records:
             targets = [peer for peer in self._clients if peer.wants(r.run_id)]
             if not targets:
                 continue
-            data = {k: v for k, v in r.data.items() if k not in ("manifest", "stderr")}
+            data = r.data
+            if "manifest" in data or "stderr" in data:
+                data = {k: v for k, v in data.items() if k not in ("manifest", "stderr")}
             ev = p.Event(kind=r.kind, ts=r.ts, run_id=r.run_id, task_id=r.task_id,
                          symbol=r.symbol, node=r.node, attempt=r.attempt, data=data)
             for peer in targets:
-                peer.publish(ev)
+                batches.setdefault(peer, []).append(ev)
+        for peer, events in batches.items():
+            peer.publish(events)
 
     # --- connections ------------------------------------------------------------------
 

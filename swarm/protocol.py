@@ -166,15 +166,25 @@ class Event:
     seq: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Events:
+    """The events of one group commit, in order: one frame instead of one per event."""
+
+    T: ClassVar[str] = "events"
+    items: tuple[Event, ...]
+
+
 Message = (Challenge | Hello | Welcome | Assign | Results | Ack | Heartbeat | Abandon | Draining
-           | Request | Reply | Event)
+           | Request | Reply | Event | Events)
 MESSAGES: dict[str, type[Any]] = {
     c.T: c
     for c in (
         Challenge, Hello, Welcome, Assign, Results, Ack, Heartbeat, Abandon, Draining,
-        Request, Reply, Event,
+        Request, Reply, Event, Events,
     )
 }
+# Dataclasses that travel inside other messages (as maps).
+ITEMS = (TaskAssignment, TaskResult, Event)
 # Requests a client may make, with the type of each argument (None: optional).
 REQUEST_OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "deploy": {"workflow": (dict, False), "follow": (bool, False), "new": (bool, False),
@@ -203,18 +213,30 @@ def check_proof(token: str, nonce: bytes, proof: bytes) -> bool:
 # --- encoding -------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (TaskAssignment, TaskResult)):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+_NAMES: dict[type[Any], tuple[tuple[str, bool], ...]] = {}
+
+
+def _names(cls: type[Any]) -> tuple[tuple[str, bool], ...]:
+    """A class's field names, each with whether it holds a tuple of item dataclasses
+    (msgpack packs everything else, tuples included, as it is)."""
+    names = _NAMES.get(cls)
+    if names is None:
+        hints = typing.get_type_hints(cls)
+        names = _NAMES[cls] = tuple(
+            (f.name, typing.get_origin(hints[f.name]) is tuple
+             and typing.get_args(hints[f.name])[0] in ITEMS) for f in fields(cls))
+    return names
+
+
+def _item(value: Any) -> dict[str, Any]:
+    return {name: getattr(value, name) for name, _ in _names(type(value))}
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
     d: dict[str, Any] = {"t": msg.T}
-    for f in fields(msg):
-        d[f.name] = _plain(getattr(msg, f.name))
+    for name, nested in _names(type(msg)):
+        value = getattr(msg, name)
+        d[name] = [_item(v) for v in value] if nested else value
     return d
 
 
@@ -295,7 +317,7 @@ def _checker(tp: Any) -> Check:
             return {k: vcheck(x, f"{w}.{k}") for k, x in v.items()}
 
         return mapping
-    if tp in (TaskAssignment, TaskResult):
+    if tp in ITEMS:
         return lambda v, w: _build(tp, v, w)
     if tp is float:
 
@@ -316,35 +338,35 @@ def _checker(tp: Any) -> Check:
     return exact
 
 
-_SPECS: dict[type[Any], list[tuple[str, Check, bool]]] = {}
+_Spec = tuple[tuple[tuple[str, Check, bool], ...], frozenset[str]]
+_SPECS: dict[type[Any], _Spec] = {}
 
 
-def _spec(cls: type[Any]) -> list[tuple[str, Check, bool]]:
+def _spec(cls: type[Any]) -> _Spec:
+    """Per field: name, checker, required; and every key a frame of `cls` may have."""
     spec = _SPECS.get(cls)
     if spec is None:
         hints = typing.get_type_hints(cls)
-        spec = []
-        for f in fields(cls):
-            required = f.default is MISSING and f.default_factory is MISSING
-            spec.append((f.name, _checker(hints[f.name]), required))
-        _SPECS[cls] = spec
+        checks = tuple((f.name, _checker(hints[f.name]),
+                        f.default is MISSING and f.default_factory is MISSING)
+                       for f in fields(cls))
+        spec = _SPECS[cls] = (checks, frozenset([*(n for n, _, _ in checks), "t"]))
     return spec
 
 
 def _build(cls: type[Any], d: Any, where: str) -> Any:
-    if not isinstance(d, dict):
+    if type(d) is not dict:
         _fail(where, "a map", d)
+    checks, allowed = _spec(cls)
+    if not allowed.issuperset(d):
+        name = sorted(map(repr, set(d) - allowed))[0][:40]  # keys may mix str and bytes
+        raise RemoteProtocolError(f"'{cls.T}' frame has unknown field {name}")
     kwargs = {}
-    spec = _spec(cls)
-    for name, check, required in spec:
+    for name, check, required in checks:
         if name in d:
-            kwargs[name] = check(d[name], f"{where}.{name}" if where else name)
+            kwargs[name] = check(d[name], where + "." + name if where else name)
         elif required:
             raise RemoteProtocolError(f"'{cls.T}' frame lacks field '{name}'")
-    extra = set(d) - {n for n, _, _ in spec} - {"t"}
-    if extra:
-        name = sorted(map(repr, extra))[0][:40]  # keys may mix str and bytes
-        raise RemoteProtocolError(f"'{cls.T}' frame has unknown field {name}")
     return cls(**kwargs)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,20 +93,28 @@ class RunUpdate:
         return self.status in FINAL_RUN_STATES
 
 
+def ended_tasks(tasks: Iterable[dict[str, Any]]) -> list[str]:
+    """The ids of the task records (as `Client.run` returns them) that ended."""
+    return [t["task_id"] for t in tasks
+            if t["state"] not in ("pending", "ready", "running", "retrying")]
+
+
 class ProgressTracker:
     """Counts a run's progress from its events: what ended, what runs, at what rate."""
 
-    def __init__(self, run_id: str, total: int, completed: int = 0, status: str = "running",
-                 keep: int = 20) -> None:
+    def __init__(self, run_id: str, total: int, ended: Iterable[str] = (),
+                 status: str = "running", keep: int = 20) -> None:
         self.run_id = run_id
         self.total = total
-        self.completed = completed
+        # Task ids that ended: an event the snapshot already counted is not counted again.
+        self._ended = set(ended)
+        self.completed = len(self._ended)
         self.failed = 0
         self.status = status
         self.running: dict[str, tuple[str, str, float]] = {}  # task id -> (symbol, node, since)
         self.recent: deque[Event] = deque(maxlen=keep)
         self._t0 = time.monotonic()
-        self._done0 = completed
+        self._done0 = self.completed
 
     def on_event(self, ev: Event) -> bool:
         """Take one event; False if it is not about this run."""
@@ -117,7 +126,8 @@ class ProgressTracker:
             self.running[tid] = (ev.symbol or "", ev.node or "-", ev.ts)
         elif ev.kind in _DONE or ev.kind in _UNDONE:
             self.running.pop(tid, None)
-            if ev.kind in _DONE and not tid.endswith("/rollback"):
+            if ev.kind in _DONE and not tid.endswith("/rollback") and tid not in self._ended:
+                self._ended.add(tid)
                 self.completed += 1
                 self.failed += ev.kind == "symbol.failed"
         if ev.kind.startswith("run."):

@@ -127,7 +127,7 @@ def _field_strategy(tp: Any) -> st.SearchStrategy[Any]:
         return st.lists(_field_strategy(typing.get_args(tp)[0]), max_size=3).map(tuple)
     if origin is dict:
         return st.dictionaries(TEXT, _field_strategy(typing.get_args(tp)[1]), max_size=3)
-    if tp in (p.TaskAssignment, p.TaskResult):
+    if tp in p.ITEMS:
         return _message_strategy(tp)
     return {str: TEXT, int: INT64, bool: st.booleans(), float: st.floats(),
             bytes: st.binary(max_size=32)}[tp]

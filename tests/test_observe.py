@@ -9,6 +9,7 @@ import stat
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_support import (
@@ -23,6 +24,7 @@ from e2e_support import (
 
 from swarm.console import Follower, print_report
 from swarm.protocol import Event
+from swarm.results import ProgressTracker
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -100,6 +102,48 @@ def test_a_subscriber_that_never_reads_does_not_slow_dispatch(cluster: Cluster,
         status = cluster.cli("status", "--url", cluster.url, "--json")
         assert status.returncode == 0
     assert with_stuck < 3 * baseline + 5, (baseline, with_stuck)  # a generous bound
+
+
+async def test_a_slow_subscriber_gets_run_events_and_a_gap_instead_of_unbounded_frames(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from swarm import dispatcher as d
+    from swarm import protocol as p
+
+    class Unread:  # a connection whose peer reads nothing until told to
+        def __init__(self) -> None:
+            self.sent: list[p.Message] = []
+            self.gate = asyncio.Event()
+
+        async def send(self, frame: bytes) -> None:
+            await self.gate.wait()
+            self.sent.append(p.decode(frame))
+
+    monkeypatch.setattr(d, "CLIENT_QUEUE", 10)
+    ws = Unread()
+    peer = d._Peer(ws, "client", "slow")  # type: ignore[arg-type]
+    peer.publish([_event("symbol.started", str(i)) for i in range(12)])  # under the bound
+    peer.publish([_event("symbol.completed", "x"), _event("run.completed")])  # over it
+    peer.publish([_event("symbol.started", "y")])
+    ws.gate.set()
+    await asyncio.wait_for(_drained(peer), 5)
+    kinds = [ev.kind for msg in ws.sent if isinstance(msg, p.Events) for ev in msg.items]
+    assert kinds == ["symbol.started"] * 12 + ["run.completed"]
+    peer.publish([_event("symbol.started", "z")])  # read again: told what it missed
+    await asyncio.wait_for(_drained(peer), 5)
+    last = ws.sent[-1]
+    assert isinstance(last, p.Events)
+    assert [(ev.kind, ev.data) for ev in last.items] == [
+        ("stream.gap", {"missed": 2}), ("symbol.started", {})]
+    await peer.close()
+
+
+async def _drained(peer: Any) -> None:
+    import asyncio
+
+    while peer.events_queued:
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.e2e
@@ -302,6 +346,17 @@ def test_followers_print_plain_lines_without_control_codes_when_not_a_terminal()
     assert "\x1b" not in text
     assert [line.split()[1] for line in text.splitlines()] == [
         "symbol.started", "symbol.started", "symbol.completed", "symbol.failed"]
+
+
+def test_progress_counts_an_ending_once_when_the_snapshot_already_had_it() -> None:
+    # watch() reads the run's record, then the events buffered since the deploy: an ending
+    # in both is one ending.
+    tracker = ProgressTracker("r1", 3, ended=["r1/a"])
+    for ev in (_event("symbol.completed", "a", "w1"), _event("symbol.completed", "b", "w2"),
+               _event("symbol.completed", "b", "w2")):
+        tracker.on_event(ev)
+    assert tracker.completed == 2
+    assert tracker.update(None).completed == 2
 
 
 def test_report_renders_for_humans() -> None:
