@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Union
 
@@ -213,36 +214,54 @@ def check_proof(token: str, nonce: bytes, proof: bytes) -> bool:
 # --- encoding -------------------------------------------------------------------------
 
 
-_NAMES: dict[type[Any], tuple[tuple[str, bool], ...]] = {}
+_REQUIRED = object()
+_Names = tuple[tuple[str, bool, Any], ...]
+_NAMES: dict[type[Any], _Names] = {}
 
 
-def _names(cls: type[Any]) -> tuple[tuple[str, bool], ...]:
-    """A class's field names, each with whether it holds a tuple of item dataclasses
-    (msgpack packs everything else, tuples included, as it is)."""
+def _names(cls: type[Any]) -> _Names:
+    """Per field of a class: its name, whether it holds a tuple of item dataclasses
+    (msgpack packs everything else, tuples included, as it is), and its default."""
     names = _NAMES.get(cls)
     if names is None:
         hints = typing.get_type_hints(cls)
         names = _NAMES[cls] = tuple(
-            (f.name, typing.get_origin(hints[f.name]) is tuple
-             and typing.get_args(hints[f.name])[0] in ITEMS) for f in fields(cls))
+            (f.name,
+             typing.get_origin(hints[f.name]) is tuple
+             and typing.get_args(hints[f.name])[0] in ITEMS,
+             f.default if f.default is not MISSING
+             else f.default_factory() if f.default_factory is not MISSING else _REQUIRED)
+            for f in fields(cls))
     return names
 
 
 def _item(value: Any) -> dict[str, Any]:
-    return {name: getattr(value, name) for name, _ in _names(type(value))}
+    return {name: getattr(value, name) for name, _, _ in _names(type(value))}
 
 
-def to_dict(msg: Message) -> dict[str, Any]:
+def _compact_item(value: Any) -> dict[str, Any]:
+    """An item without the fields at their default: a no-op task's result is 5 fields
+    instead of 12, and the peer decodes fewer."""
+    d = {}
+    for name, _, default in _names(type(value)):
+        v = getattr(value, name)
+        if default is _REQUIRED or v != default or type(v) is not type(default):
+            d[name] = v
+    return d
+
+
+def to_dict(msg: Message, item: Callable[[Any], dict[str, Any]] = _item) -> dict[str, Any]:
+    """A message as plain data, every field present (frames leave out items' defaults)."""
     d: dict[str, Any] = {"t": msg.T}
-    for name, nested in _names(type(msg)):
+    for name, nested, _ in _names(type(msg)):
         value = getattr(msg, name)
-        d[name] = [_item(v) for v in value] if nested else value
+        d[name] = [item(v) for v in value] if nested else value
     return d
 
 
 def encode(msg: Message) -> bytes:
     try:
-        return msgpack.packb(to_dict(msg), use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+        return msgpack.packb(to_dict(msg, _compact_item), use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as e:
         raise LocalProtocolError(f"cannot encode {msg.T}: {e}") from None
 
@@ -254,27 +273,37 @@ INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # what SQLite and every peer can h
 MAX_DEPTH = 64
 
 
+_SCALARS = frozenset({type(None), bool, float, str, bytes})
+
+
 def check_data(v: Any, w: str, depth: int = 0) -> Any:
     """Free-form data (parameters, outputs): JSON-like, str keys, 64-bit ints, bounded depth."""
-    if v is None or isinstance(v, (bool, float, str, bytes)):
+    t: type[Any] = type(v)
+    if t in _SCALARS:  # the exact types msgpack decodes to first: most values are these
         return v
-    if isinstance(v, int):
+    if t is not dict and t is not list and t is not int:  # subclasses, from local code
+        if isinstance(v, (bool, float, str, bytes)):
+            return v
+        t = next((b for b in (dict, list, int) if isinstance(v, b)), type(None))
+        if t is type(None):
+            _fail(w, "plain data", v)
+    if t is int:
         if not INT_MIN <= v <= INT_MAX:
             _fail(w, "a 64-bit integer", v)
         return v
     if depth >= MAX_DEPTH:
         raise RemoteProtocolError(f"field '{w}': nested deeper than {MAX_DEPTH}")
-    if isinstance(v, list):
+    if t is list:
         for x in v:
-            check_data(x, w, depth + 1)
+            if type(x) not in _SCALARS:
+                check_data(x, w, depth + 1)
         return v
-    if isinstance(v, dict):
-        for k, x in v.items():
-            if not isinstance(k, str):
-                _fail(w, "string map keys", k)
+    for k, x in v.items():
+        if type(k) is not str and not isinstance(k, str):
+            _fail(w, "string map keys", k)
+        if type(x) not in _SCALARS:
             check_data(x, w, depth + 1)
-        return v
-    _fail(w, "plain data", v)
+    return v
 
 
 def _fail(where: str, expected: str, value: Any) -> typing.NoReturn:
@@ -311,6 +340,8 @@ def _checker(tp: Any) -> Check:
         def mapping(v: Any, w: str) -> Any:
             if not isinstance(v, dict):
                 _fail(w, "a map", v)
+            if vtype is Any:  # free-form: checked in place, not copied
+                return check_data(v, w)
             for k in v:
                 if not isinstance(k, str):
                     _fail(w, "string map keys", k)

@@ -70,8 +70,13 @@ TABLES = ("nodes", "runs", "tasks", "attempts", "events", "rollbacks")
 FINAL_RUN_STATES = ("completed", "failed", "rolled_back", "cancelled")
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode  # built once
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
+    if value is None:  # most outputs and many events' data: the common cases, for free
+        return "null"
+    return "{}" if value == {} else _ENCODE(value)
 
 
 class _Batch:
@@ -188,9 +193,11 @@ def _apply(b: _Batch, e: Journal) -> None:
                   _json(d["labels"]), e.ts))
     elif k in ("node.lost", "node.left"):
         b.update("nodes", d["node_id"], status=k[5:], left_at=e.ts, reason=d["reason"])
-    data = {key: v for key, v in d.items() if key not in _BULKY} if d else d
-    if k == "attempt.finished":
-        data.pop("output", None)
+    data = d
+    if k == "attempt.finished":  # the attempts row holds its output
+        data = {key: v for key, v in d.items() if key not in _BULKY and key != "output"}
+    elif any(key in d for key in _BULKY):
+        data = {key: v for key, v in d.items() if key not in _BULKY}
     b.events.append((e.ts, k, e.run_id, tid, e.symbol, e.node, e.attempt, _json(data)))
 
 
