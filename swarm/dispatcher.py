@@ -261,7 +261,6 @@ class Dispatcher:
                 t0 = time.perf_counter()
                 await self.store.write(records)
                 self.journal_latency.observe(time.perf_counter() - t0)
-                self._publish(records)
             now = time.perf_counter()
             for peer, msg in sends:
                 if msg is None:
@@ -271,6 +270,11 @@ class Dispatcher:
                 if isinstance(msg, p.Assign):
                     self.dispatch_latency.observe(now - fed_at)
                 peer.send(msg)
+            if records:
+                # The frames above go out first (their writers run now): workers wait for
+                # work, watchers only watch.
+                await asyncio.sleep(0)
+                self._publish(records)
 
     async def _flush_loop(self) -> None:
         try:

@@ -26,6 +26,8 @@ from .errors import StateError
 
 SCHEMA_VERSION = 1
 DEFAULT_DURATION_MS = 1000.0  # expected duration of a symbol with no history at all
+DURATIONS_TTL = 5.0  # seconds a workflow's expected durations are reused
+DURATIONS_KEPT = 64  # workflows whose expected durations are kept
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -282,6 +284,9 @@ class Store:
         self.path = path
         self.write_seconds = 0.0  # total time spent committing, for metrics
         self.writes = 0
+        # workflow -> (when, (symbols, default) asked for, expected ms per symbol)
+        self._durations: dict[str, tuple[float, tuple[dict[str, str], float],
+                                         dict[str, float]]] = {}
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], synchronous: str = "FULL") -> Store:
@@ -413,7 +418,22 @@ class Store:
     async def expected_durations(self, workflow: str, symbols: dict[str, str],
                                  default: float = DEFAULT_DURATION_MS) -> dict[str, float]:
         """Expected ms per symbol (name -> dispatch given): the median of that symbol's past
-        successful attempts in runs of this workflow, else of its backend's, else `default`."""
+        successful attempts in runs of this workflow, else of its backend's, else `default`.
+        Reused for DURATIONS_TTL: medians of the last 10 runs move slowly, and a deploy
+        need not wait for the same query again."""
+        now = time.monotonic()
+        hit = self._durations.get(workflow)
+        if hit is not None and now - hit[0] < DURATIONS_TTL and hit[1] == (symbols, default):
+            return dict(hit[2])
+        found = await self._expected_durations(workflow, symbols, default)
+        self._durations.pop(workflow, None)
+        if len(self._durations) >= DURATIONS_KEPT:  # forget the longest unused
+            del self._durations[next(iter(self._durations))]
+        self._durations[workflow] = (now, (dict(symbols), default), found)
+        return dict(found)
+
+    async def _expected_durations(self, workflow: str, symbols: dict[str, str],
+                                  default: float) -> dict[str, float]:
         own: dict[str, list[float]] = {}
         for r in await self._rows(
                 # The last runs of this workflow are history enough, and keep this cheap.

@@ -33,9 +33,13 @@ RESULT_FRAME_BUDGET = 256 * 1024  # bytes of results per frame, well under max_f
 STDERR_TAIL = 16 * 1024
 
 
+_SMALL = (type(None), bool, int, float)
+
+
 def _fit(result: p.TaskResult, budget: int) -> p.TaskResult:
     """Trim a result so that its frame fits the dispatcher's frame limit."""
-    if len(p.encode(p.Results((result,)))) <= budget:
+    small = type(result.output) in _SMALL and len(result.stderr) + len(result.error) < 4096
+    if small or len(p.encode(p.Results((result,)))) <= budget:  # small: no need to measure
         return result
     stderr = result.stderr[-STDERR_TAIL:]
     output: Any = result.output

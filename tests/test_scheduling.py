@@ -168,7 +168,9 @@ def test_expected_durations_weight_the_remaining_path() -> None:
     assert h.names("w") == ["long"]
 
 
-async def test_duration_estimates_come_from_history(tmp_path: Path) -> None:
+async def test_duration_estimates_come_from_history(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from swarm import state
     from swarm.state import DEFAULT_DURATION_MS, Store
 
     store = await Store.open(tmp_path / "s.db")
@@ -188,5 +190,19 @@ async def test_duration_estimates_come_from_history(tmp_path: Path) -> None:
         est = await store.expected_durations("hist", {"a": "internal", "b": "php_engine",
                                                       "new": "php_engine", "n2": "rust"})
         assert est == {"a": 200.0, "b": 50.0, "new": 50.0, "n2": DEFAULT_DURATION_MS}
+        # Reused while fresh (a deploy does not wait for the query), asked again after.
+        written = len(h.journal)
+        h.submit(w, run_id="r3")
+        for t in h.take("w"):
+            h.result("w", t, duration_ms=900.0)  # median of a: 100, 200, 300, 900 -> 250
+        await store.write(h.journal[written:])
+        again = await store.expected_durations("hist", {"a": "internal", "b": "php_engine",
+                                                        "new": "php_engine", "n2": "rust"})
+        assert again == est
+        other_symbols = await store.expected_durations("hist", {"a": "internal"})
+        assert other_symbols == {"a": 250.0}  # not what was cached: asked again
+        monkeypatch.setattr(state, "DURATIONS_TTL", 0.0)
+        assert (await store.expected_durations("hist", {"a": "internal", "b": "php_engine"})
+                == {"a": 250.0, "b": 50.0})
     finally:
         await store.close()
