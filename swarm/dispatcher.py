@@ -132,6 +132,7 @@ class Dispatcher:
         self._clients: set[_Peer] = set()
         self._records: list[c.Journal] = []
         self._sends: list[tuple[_Peer, p.Message | None]] = []
+        self._stored: list[asyncio.Future[None]] = []  # resolved by the next commit
         self.ops = Operations(self)
         self._fed_at = 0.0  # when the event behind the pending sends arrived
         self.dispatch_latency = Histogram(
@@ -252,15 +253,26 @@ class Dispatcher:
         self._dirty.set()
         self._rearm.set()
 
+    async def stored(self) -> None:
+        """Return once everything fed so far is committed to the state DB."""
+        done = asyncio.get_running_loop().create_future()
+        self._stored.append(done)
+        self._dirty.set()
+        await done
+
     async def _flush(self) -> None:
         async with self._flush_lock:  # one group commit at a time, in order
             records, sends, fed_at = self._records, self._sends, self._fed_at
+            stored, self._stored = self._stored, []
             self._records, self._sends = [], []
             if records:
                 assert self.store is not None
                 t0 = time.perf_counter()
                 await self.store.write(records)
                 self.journal_latency.observe(time.perf_counter() - t0)
+            for waiter in stored:
+                if not waiter.done():
+                    waiter.set_result(None)
             now = time.perf_counter()
             for peer, msg in sends:
                 if msg is None:

@@ -165,21 +165,21 @@ class Operations:
         self._reply_after_commit(peer, req, {"run_id": run_id, "done": log_op})
 
     async def _watch(self, peer: _Peer, req: p.Request) -> None:
-        assert self.d.core is not None and self.d.store is not None
+        assert self.d.store is not None
         watched: str | None = req.args.get("run_id")
         if watched is None:
             peer.watch_all = True
             return peer.send(p.Reply(id=req.id, ok=True, data={"run_id": None, "state": ""}))
-        state = self.d.core.run_state(watched)
-        if state is None:
-            row = await self.d.store.run(watched)
-            if row is None:
-                return self._refuse(peer, req, f"no run {watched!r}")
-            state_text = row["status"]
-        else:
-            state_text = state.value
+        # Watching first, then the state as stored: the core runs ahead of the DB by one
+        # group commit, and a follower told "completed" reads the run's record next. Every
+        # change the stored state does not show yet reaches the follower as an event.
         peer.watching.add(watched)
-        peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": state_text}))
+        await self.d.stored()
+        row = await self.d.store.run(watched)
+        if row is None:
+            peer.watching.discard(watched)
+            return self._refuse(peer, req, f"no run {watched!r}")
+        peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": row["status"]}))
         return None
 
     # --- HTTP beside the WebSocket --------------------------------------------------------

@@ -379,3 +379,37 @@ def test_report_renders_for_humans() -> None:
     print_report(Console(file=buf, width=120), rep)
     text = buf.getvalue()
     assert "25.0%" in text and "0.50 symbols/s" in text and "run.started" in text
+
+
+async def test_a_watch_is_answered_only_once_what_it_reports_is_stored(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The core knows a run ended one group commit before the state DB does; a follower
+    # told "completed" reads the run's record next, which must say so too.
+    import asyncio
+
+    import swarm
+
+    wf = swarm.Workflow(name="one", version="1", symbols=(
+        swarm.Symbol(name="a", type="action", parameters={"handler": "noop"}),))
+    async with swarm.LocalSwarm(workers=1, processes=False) as ls:
+        assert ls.dispatcher is not None and ls.dispatcher.store is not None
+        store = ls.dispatcher.store
+        real_write, held, gate = store.write, asyncio.Event(), asyncio.Event()
+
+        async def slow_write(entries: Any) -> None:
+            entries = list(entries)
+            if any(e.kind == "run.completed" for e in entries):
+                held.set()
+                await gate.wait()
+            await real_write(entries)
+
+        monkeypatch.setattr(store, "write", slow_write)
+        run_id = (await ls.client.submit(wf, follow=False))["run_id"]
+        await asyncio.wait_for(held.wait(), 10)
+        async with ls.connect() as other:
+            watch = asyncio.ensure_future(other.subscribe(run_id))
+            done, _ = await asyncio.wait({watch}, timeout=0.3)
+            assert not done  # the end is not stored yet
+            gate.set()
+            assert await asyncio.wait_for(watch, 10) == "completed"
+            assert (await other.run(run_id))["status"] == "completed"
