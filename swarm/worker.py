@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import sys
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -319,6 +320,22 @@ async def serve_worker(config: Config, *, name: str | None = None, url: str | No
     """Run a worker until SIGINT/SIGTERM; returns the exit code."""
     w = Worker(config, name=name, url=url, slots=slots)
     loop = asyncio.get_running_loop()
+    _watch_children_with_pidfds(loop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, w.request_stop)
     return await w.run()
+
+
+def _watch_children_with_pidfds(loop: asyncio.AbstractEventLoop) -> None:
+    """Python 3.11 waits for each backend process on a thread of its own; a pidfd per
+    child, polled by the event loop, needs no thread (the default from 3.12 on). Only
+    in a worker process of our own: the watcher is process-wide."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # a kernel older than 5.3, or a sandbox that forbids it
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.set_child_watcher(watcher)
