@@ -11,12 +11,13 @@ import dataclasses
 import difflib
 import os
 import socket
-import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomli
 
 from .errors import ConfigError
 from .model import DISPATCHES, RetryPolicy
@@ -222,10 +223,10 @@ def _validate(cfg: Config) -> None:
 def parse_config(text: str, path: str = "", base_dir: str = ".") -> Config:
     where = path or "<config>"
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        data = tomli.loads(text)
+    except tomli.TOMLDecodeError as e:
         raise ConfigError(f"{where}: {e}") from None
-    except (RecursionError, ValueError) as e:  # nesting or a number past tomllib's limits
+    except (RecursionError, ValueError) as e:  # nesting or a number past the parser's limits
         raise ConfigError(f"{where}: cannot read the config: {type(e).__name__}") from None
     try:
         cfg = _build(Config, data, "")

@@ -10,18 +10,16 @@ document from them is also the fastest way through PyYAML (see `_read_yaml`).
 from __future__ import annotations
 
 import difflib
-import gc
 import json
 import math
 import os
 import re
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import tomli
 import yaml
 from yaml import events
 from yaml.nodes import ScalarNode
@@ -40,7 +38,7 @@ from swarm.model import (
     Symbol,
     Workflow,
 )
-from swarm.plan import find_cycles
+from swarm.plan import find_cycles, gc_paused
 
 __all__ = ["load_manifest", "parse_manifest", "workflow_from_dict"]
 
@@ -91,21 +89,29 @@ def load_manifest(path: str | os.PathLike[str]) -> Workflow:
 
 def parse_manifest(text: str, source: str, fmt: str) -> Workflow:
     """Parse `text` as ``fmt`` ("yaml", "toml" or "json") and validate it."""
-    lines = _Lines()  # only YAML has them
-    with _gc_paused():
+    if fmt not in ("yaml", "yml"):
+        return _parse(text, source, fmt, None)
+    try:  # most manifests are fine: the lines of their keys and items are never asked for
+        return _parse(text, source, fmt, _Lines(record=False))
+    except ManifestError:
+        return _parse(text, source, fmt, _Lines())  # again, to say where each problem is
+
+
+def _parse(text: str, source: str, fmt: str, lines: _Lines | None) -> Workflow:
+    with gc_paused():
         try:
-            if fmt in ("yaml", "yml"):
-                doc, lines = _read_yaml(text)
+            if lines is not None:
+                doc = _read_yaml(text, lines)
             elif fmt == "toml":
-                doc = tomllib.loads(text)
+                doc = tomli.loads(text)
             elif fmt == "json":
                 doc = json.loads(text)
             else:
                 raise ManifestError([Problem(f"unknown manifest format {fmt!r}", source)])
         except yaml.YAMLError as e:
             raise ManifestError([_yaml_problem(e, source)]) from None
-        except tomllib.TOMLDecodeError as e:
-            # tomllib only puts the position in the message: "... (at line 3, column 9)"
+        except tomli.TOMLDecodeError as e:
+            # tomli puts the position in the message: "... (at line 3, column 9)"
             m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", str(e))
             msg = str(e)[: m.start()] + f" (column {m[2]})" if m else str(e)
             line = int(m[1]) if m else text.count("\n") + 1
@@ -121,26 +127,13 @@ def parse_manifest(text: str, source: str, fmt: str) -> Workflow:
             # a 5,000-digit number, a lone surrogate): the text is not a manifest we can read.
             raise ManifestError([Problem(f"cannot read the document: {_clip(str(e))}", source)]
                                 ) from None
-        return _Checker(source, lines).workflow(doc)
+        return _Checker(source, lines or _Lines()).workflow(doc)
 
 
 def workflow_from_dict(doc: object, source: str = "<memory>") -> Workflow:
     """Validate a plain document, such as `Workflow.to_dict()` sent over the wire."""
-    with _gc_paused():
+    with gc_paused():
         return _Checker(source, _Lines()).workflow(doc)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    # A manifest is one big tree of fresh containers that holds no garbage cycles; the
-    # cyclic collector would rescan it over and over while it grows (~20% of a big load).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # ---------------------------------------------------------------------------------- YAML
@@ -152,13 +145,20 @@ class _Lines:
     Keyed by id(): the containers live as long as the document being checked.
     """
 
-    __slots__ = ("duplicates", "items", "start", "version")
+    __slots__ = ("duplicates", "items", "record", "start", "version")
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = True) -> None:
+        self.record = record  # False: only duplicates and the version (a first, fast read)
         self.start: dict[int, int] = {}
         self.items: dict[int, Any] = {}  # id -> {key: line} for mappings, [line] for lists
         self.duplicates: list[tuple[object, int]] = []  # PyYAML would keep the last silently
         self.version: str | None = None  # the text of a numeric top-level version: 1.10 stays
+
+    def reset(self) -> None:
+        self.start.clear()
+        self.items.clear()
+        self.duplicates.clear()
+        self.version = None
 
     def of(self, container: object, key: object = None) -> int | None:
         items = self.items.get(id(container))
@@ -174,12 +174,12 @@ class _Fallback(Exception):
     """A construct the fast path does not build itself (e.g. ``!!set``)."""
 
 
-def _read_yaml(text: str) -> tuple[object, _Lines]:
-    lines = _Lines()
+def _read_yaml(text: str, lines: _Lines) -> object:
     try:
-        return _build_yaml(text, lines), lines
+        return _build_yaml(text, lines)
     except _Fallback:
-        return yaml.load(text, Loader=_Loader), _Lines()  # _Loader is a safe loader
+        lines.reset()  # what it holds is partial
+        return yaml.load(text, Loader=_Loader)  # _Loader is a safe loader
 
 
 def _build_yaml(text: str, lines: _Lines) -> object:
@@ -197,6 +197,7 @@ def _build_yaml(text: str, lines: _Lines) -> object:
     )  # fmt: skip
     MapStart, MapEnd = events.MappingStartEvent, events.MappingEndEvent
     ListStart, ListEnd = events.SequenceStartEvent, events.SequenceEndEvent
+    record = lines.record
     loader = _Loader(text)
     try:
         # The stubs leave these untyped; events are duck-typed below anyway.
@@ -240,10 +241,12 @@ def _build_yaml(text: str, lines: _Lines) -> object:
                     raise _Fallback
                 is_list = kind is ListStart
                 container: Any = [] if is_list else {}
-                items: Any = [] if is_list else {}
-                line = event.start_mark.line + 1
-                lines.items[id(container)] = items
-                lines.start[id(container)] = line
+                items: Any = None
+                if record:
+                    items = [] if is_list else {}
+                    line = event.start_mark.line + 1
+                    lines.items[id(container)] = items
+                    lines.start[id(container)] = line
                 if event.anchor is not None:
                     anchors[event.anchor] = container
                 stack.append([container, items, is_list, None, 0, None, line])
@@ -273,9 +276,10 @@ def _build_yaml(text: str, lines: _Lines) -> object:
             frame = stack[-1]
             if frame[2]:
                 frame[0].append(value)
-                frame[1].append(line or event.start_mark.line + 1)
+                if record:
+                    frame[1].append(line or event.start_mark.line + 1)
             elif frame[3] is None:
-                frame[3], frame[4] = (value,), line or event.start_mark.line + 1
+                frame[3], frame[4] = (value,), (line or event.start_mark.line + 1) if record else 0
             else:
                 key, key_line, frame[3] = frame[3][0], frame[4], None
                 if key is _MERGE:
@@ -290,7 +294,8 @@ def _build_yaml(text: str, lines: _Lines) -> object:
                     target[key] = value
                 except TypeError:
                     raise _marked(f"found unhashable key ({_describe(key)})", event) from None
-                frame[1][key] = key_line
+                if record:
+                    frame[1][key] = key_line
     finally:
         loader.dispose()
 

@@ -300,20 +300,21 @@ def test_yaml_documents_build_exactly_as_safe_load_builds_them() -> None:
         text = YAML_VALUES.replace("? [complex, key]\n: no\n", "")
         expected = yaml.safe_load(text)
         with pytest.raises(yaml.YAMLError, match="unhashable"):
-            manifest._read_yaml(YAML_VALUES)
+            manifest._read_yaml(YAML_VALUES, manifest._Lines())
     else:
         text = YAML_VALUES
-    built = manifest._read_yaml(text)[0]
-    assert typed(built) == typed(expected)
+    for record in (True, False):  # with and without the lines of keys and items
+        built = manifest._read_yaml(text, manifest._Lines(record))
+        assert typed(built) == typed(expected)
 
 
 def test_explicit_container_tags_fall_back_to_pyyaml() -> None:
     text = "s: !!set {a, b}\no: !!omap [{x: 1}]\n"
-    assert manifest._read_yaml(text)[0] == yaml.safe_load(text)
+    assert manifest._read_yaml(text, manifest._Lines()) == yaml.safe_load(text)
 
 
 def test_yaml_aliases_keep_sharing_structure_instead_of_copying() -> None:
-    built = manifest._read_yaml("a: &x {k: [1, 2]}\nb: *x\n")[0]
+    built = manifest._read_yaml("a: &x {k: [1, 2]}\nb: *x\n", manifest._Lines())
     assert isinstance(built, dict) and built["a"] is built["b"]
 
 
