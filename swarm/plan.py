@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import heapq
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +51,8 @@ def find_cycles(deps: Mapping[str, Sequence[str]]) -> list[list[str]]:
     order), written as a closed path: ``a -> b -> a`` is ``["a", "b", "a"]``.
     """
     position = {name: i for i, name in enumerate(deps)}
+    if _backward(deps.values(), position):
+        return []
     cycles: list[list[str]] = []
     for component in _strongly_connected(deps):
         if len(component) == 1:  # the common case: acyclic, unless it needs itself
@@ -61,6 +63,14 @@ def find_cycles(deps: Mapping[str, Sequence[str]]) -> list[list[str]]:
         cycles.append(_shortest_cycle(deps, start, set(component)))
     cycles.sort(key=lambda cycle: position[cycle[0]])
     return cycles
+
+
+def _backward(deps: Iterable[Sequence[str]], position: Mapping[str, int]) -> bool:
+    """Whether every dependency comes earlier in the order given (names not in
+    `position` are leaves): then there is no cycle, and that order is topological. Most
+    manifests are written this way; checking it is one pass over the edges."""
+    get = position.get
+    return all(get(dep, -1) < i for i, needs in enumerate(deps) for dep in needs)
 
 
 def _strongly_connected(deps: Mapping[str, Sequence[str]]) -> Iterator[list[str]]:
@@ -193,9 +203,11 @@ def _analyze(workflow: Workflow, durations: Mapping[str, float] | None) -> Plan:
     dependents = {name: tuple(after) for name, after in needs.items()}
 
     # Kahn's algorithm; the heap key is the manifest position, which keeps the order stable.
+    # When every dependency comes earlier, it would pop the manifest order itself.
     waiting = [len(s.dependencies) for s in symbols]
-    ready = [i for i, n in enumerate(waiting) if n == 0]  # ascending: a heap already
-    order: list[str] = []
+    backward = _backward((s.dependencies for s in symbols), position)
+    ready = [] if backward else [i for i, n in enumerate(waiting) if n == 0]  # a heap
+    order: list[str] = list(names) if backward else []
     pop, push = heapq.heappop, heapq.heappush
     while ready:
         name = names[pop(ready)]
