@@ -91,6 +91,9 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self._runs: dict[str, Run] = {}
         self._nodes: dict[str, Node] = {}
+        # backend -> the nodes that run it and have a free slot: placement looks at these
+        # only, not at every worker (1,000 connected ones with other backends cost nothing).
+        self._open: dict[str, dict[str, Node]] = {}
         self._by_token: dict[int, Task] = {}
         self._ready: dict[str, list[tuple[tuple[Any, ...], int, Task]]] = {}
         self._timers: list[tuple[float, int, Task]] = []
@@ -128,6 +131,7 @@ class Scheduler:
                 if node is not None:
                     node.draining = True
                     node.last_seen = now
+                    self._reindex(node)
                     self._journal("node.draining", now, node=node.name)
             case RunSubmitted():
                 self._on_submit(event)
@@ -239,6 +243,10 @@ class Scheduler:
                     for k in t.resources:
                         held[k] = held.get(k, 0) + 1
         assert held == self._held, (held, self._held)
+        open_now = {cap: {nid for nid, n in self._nodes.items() if cap in n.caps and n.free > 0}
+                    for cap in {c for n in self._nodes.values() for c in n.caps}}
+        assert {c: set(ns) for c, ns in self._open.items() if ns} == \
+            {c: ns for c, ns in open_now.items() if ns}, "open index out of date"
         for node in self._nodes.values():
             assert len(node.running) <= node.slots, f"{node.name} over its slots"
             for token, task in node.running.items():
@@ -417,7 +425,7 @@ class Scheduler:
             if task.state in TERMINAL:
                 continue
             if task.state is TaskState.RUNNING and task.node is not None:
-                del task.node.running[task.token]
+                self._vacate(task.node, task.token)
                 abandon.setdefault(task.node.id, []).append(task.token)
                 task.node = None
             self._set(task, TaskState.CANCELLED)
@@ -443,6 +451,7 @@ class Scheduler:
             self._on_node_gone(old.id, ev.now, "replaced", False)
         node = Node(ev, next(self._node_seq))
         self._nodes[node.id] = node
+        self._reindex(node)
         if self._liveness_at is None:
             self._liveness_at = ev.now + self._liveness_every
         self._journal("node.joined", ev.now, node=node.name, data={
@@ -459,7 +468,7 @@ class Scheduler:
                 self._claim(task)
                 task.node = node
                 task.orphan = 0
-                node.running[token] = task
+                self._occupy(node, token, task)
                 self._journal("symbol.adopted", ev.now, task.run, task, node=node.name,
                               attempt=task.attempts)
             else:
@@ -471,6 +480,8 @@ class Scheduler:
         node = self._nodes.pop(node_id, None)
         if node is None:
             return
+        for cap in node.caps:
+            self._open.get(cap, {}).pop(node.id, None)
         self._journal("node.lost" if not graceful else "node.left", now, node=node.name,
                       data={"node_id": node.id, "reason": reason,
                             "running": len(node.running)})
@@ -479,7 +490,7 @@ class Scheduler:
 
     def _lose(self, task: Task, node: Node, now: float, reason: str, graceful: bool) -> None:
         """An attempt whose worker is gone (or forgot it): requeue it, or fail it for good."""
-        del node.running[task.token]
+        self._vacate(node, task.token)
         task.node = None
         run = task.run
         if not graceful:
@@ -540,7 +551,7 @@ class Scheduler:
         acks = []
         for r in ev.results:
             acks.append(r.token)
-            task = node.running.pop(r.token, None) if node is not None else None
+            task = self._vacate(node, r.token) if node is not None else None
             if task is None and node is not None:
                 task = self._orphan_result(r.token)
             if task is None:
@@ -816,9 +827,7 @@ class Scheduler:
         dispatch, requires = task.dispatch, task.requires
         best: Node | None = None
         best_key: tuple[float, int] | None = None
-        for node in self._nodes.values():
-            if dispatch not in node.caps or node.free <= 0:
-                continue
+        for node in self._open.get(dispatch, {}).values():
             if requires and any(node.labels.get(k) != v for k, v in requires.items()):
                 continue
             if not self.config.load_balancing:
@@ -839,7 +848,7 @@ class Scheduler:
         task.token = self._next_token
         self._next_token += 1
         task.node = node
-        node.running[task.token] = task
+        self._occupy(node, task.token, task)
         self._by_token[task.token] = task
         spec = task.spec
         timeout = spec.timeout
@@ -854,6 +863,25 @@ class Scheduler:
             attempt=task.attempts, token=task.token, timeout=timeout))
 
     # --- helpers ----------------------------------------------------------------------
+
+    def _occupy(self, node: Node, token: int, task: Task) -> None:
+        node.running[token] = task
+        if node.free <= 0:
+            self._reindex(node)
+
+    def _vacate(self, node: Node, token: int) -> Task | None:
+        task = node.running.pop(token, None)
+        if task is not None and node.free == 1 and node.id in self._nodes:
+            self._reindex(node)  # it was full: open again
+        return task
+
+    def _reindex(self, node: Node) -> None:
+        """Put a node in or out of the open index of each of its backends."""
+        for cap in node.caps:
+            if node.free > 0:
+                self._open.setdefault(cap, {})[node.id] = node
+            else:
+                self._open.get(cap, {}).pop(node.id, None)
 
     def _resources_free(self, task: Task) -> bool:
         caps = task.run.workflow.resources
