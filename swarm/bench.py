@@ -32,6 +32,7 @@ from typing import Any
 
 from .client import Client
 from .config import load_config
+from .dispatcher import tune_gc
 from .errors import SwarmError
 from .local import LocalSwarm
 from .model import Symbol, Workflow
@@ -581,6 +582,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def main_bench(args: argparse.Namespace) -> int:
     """`swarm bench`: measure, then print a table (or one JSON object). Targets are shown,
     not enforced: the exit code is 0 whenever every workload could be measured."""
+    tune_gc()  # the dispatcher runs in this process: set up as `swarm start-dispatcher` does
     report = asyncio.run(run_bench(args))
     if args.json:
         print(json.dumps(report, indent=2))

@@ -216,6 +216,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .dispatcher import tune_gc
     from .local import LocalSwarm
     from .manifest import load_manifest
 
@@ -225,6 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be at least 1")
 
     async def go() -> int:
+        tune_gc()  # this process hosts the dispatcher
         async with LocalSwarm(cfg, workers=args.workers, slots=args.slots,
                               db_path=args.db) as ls:
             c = ls.client
