@@ -206,3 +206,30 @@ async def test_duration_estimates_come_from_history(tmp_path: Path,
                 == {"a": 250.0, "b": 50.0})
     finally:
         await store.close()
+
+
+async def test_duration_estimates_are_coarse_so_noise_keeps_manifest_order(
+        tmp_path: Path) -> None:
+    # Sub-millisecond no-ops measure 0.01 or 0.03 ms at random: ordered by that, a
+    # fan-out would start in a shuffled order (and write its rows all over the DB).
+    from swarm.state import Store
+
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        h = Harness()
+        h.node("w", slots=10)
+        w = dataclasses.replace(wf(sym("a"), sym("b"), sym("c")), name="noops")
+        h.submit(w)
+        for t, ms in zip(h.take("w"), (0.012, 0.031, 1234.0), strict=True):
+            h.result("w", t, duration_ms=ms)
+        await store.write(h.journal)
+        est = await store.expected_durations("noops", {"a": "internal", "b": "internal",
+                                                       "c": "internal"})
+        assert est == {"a": 1.0, "b": 1.0, "c": 1200.0}
+        h2 = Harness()
+        h2.feed(c.RunSubmitted("r2", wf(*(sym(f"t{i}") for i in range(50))), h2.now,
+                               durations={f"t{i}": 1.0 for i in range(50)}))
+        h2.node("w", slots=50)
+        assert h2.names("w") == [f"t{i}" for i in range(50)]
+    finally:
+        await store.close()
