@@ -25,7 +25,7 @@ from . import __version__
 from . import core as c
 from . import protocol as p
 from .config import Config
-from .errors import ConfigError, RemoteProtocolError, SwarmError
+from .errors import ConfigError, RemoteProtocolError, StateError, SwarmError
 from .manifest import workflow_from_dict
 from .metrics import Histogram
 from .ops import Operations
@@ -263,7 +263,10 @@ class Dispatcher:
         self._rearm.set()
 
     async def stored(self) -> None:
-        """Return once everything fed so far is committed to the state DB."""
+        """Return once everything fed so far is committed to the state DB (StateError if
+        the state DB failed)."""
+        if self.failed is not None:
+            raise StateError(f"cannot write the state database: {self.failed}")
         done = asyncio.get_running_loop().create_future()
         self._stored.append(done)
         self._dirty.set()
@@ -277,7 +280,11 @@ class Dispatcher:
             if records:
                 assert self.store is not None
                 t0 = time.perf_counter()
-                await self.store.write(records)
+                try:
+                    await self.store.write(records)
+                except BaseException:
+                    self._stored[:0] = stored  # the flush loop fails them all
+                    raise
                 self.journal_latency.observe(time.perf_counter() - t0)
             for waiter in stored:
                 if not waiter.done():
@@ -307,6 +314,9 @@ class Dispatcher:
         except Exception as e:  # the state DB failed: stop rather than act unrecorded
             log.critical("cannot write the state database: %s", e)
             self.failed = e
+            for waiter in self._stored:  # nothing more will be stored: do not wait forever
+                if not waiter.done():
+                    waiter.set_exception(StateError(f"cannot write the state database: {e}"))
             self.stopped.set()
             if self._server is not None:
                 self._server.close()  # every peer sees the dispatcher go

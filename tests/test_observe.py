@@ -413,3 +413,38 @@ async def test_a_watch_is_answered_only_once_what_it_reports_is_stored(
             gate.set()
             assert await asyncio.wait_for(watch, 10) == "completed"
             assert (await other.run(run_id))["status"] == "completed"
+
+
+async def test_waiting_for_a_commit_ends_when_the_state_db_fails(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import sqlite3
+
+    import swarm
+    from swarm.errors import StateError
+
+    wf = swarm.Workflow(name="one", version="1", symbols=(
+        swarm.Symbol(name="a", type="action", parameters={"handler": "noop"}),))
+    async with swarm.LocalSwarm(workers=1, processes=False) as ls:
+        d = ls.dispatcher
+        assert d is not None and d.store is not None
+        held, gate = asyncio.Event(), asyncio.Event()
+
+        async def failing_write(entries: Any) -> None:
+            held.set()
+            await gate.wait()
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(d.store, "write", failing_write)
+        submit = asyncio.ensure_future(ls.client.submit(wf, follow=False))
+        await asyncio.wait_for(held.wait(), 10)
+        waiting = asyncio.ensure_future(d.stored())  # behind the commit that will fail
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(StateError):
+            await asyncio.wait_for(waiting, 10)
+        with pytest.raises(StateError):
+            await d.stored()  # and at once from then on
+        assert d.failed is not None
+        with pytest.raises(swarm.SwarmError):  # the deploy was never acknowledged
+            await asyncio.wait_for(submit, 10)
