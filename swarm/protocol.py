@@ -24,7 +24,7 @@ import msgpack  # type: ignore[import-untyped]
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: events travel in batches (one "events" frame per commit)
 MAX_NAME = 256
 
 # Close codes (RFC 6455 §7.4.1 plus the 4000 range for our own reasons).
