@@ -1,4 +1,4 @@
-"""The scheduler: a pure state machine. Everything that decides what runs where lives here.
+"""The scheduler: a pure state machine. It decides what runs, when; `placement.py` where.
 
 Rules of this module:
 - State changes only through `Scheduler.handle(event) -> list[Command]`.
@@ -44,6 +44,7 @@ from .events import (  # the core's vocabulary, re-exported
     Tick,
 )
 from .model import RetryPolicy, Symbol, Workflow
+from .placement import Placement
 from .protocol import TaskAssignment, TaskResult
 from .tasks import (
     RUN_FINAL,
@@ -91,11 +92,9 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self._runs: dict[str, Run] = {}
         self._nodes: dict[str, Node] = {}
-        # backend -> the nodes that run it and have a free slot: placement looks at these
-        # only, not at every worker (1,000 connected ones with other backends cost nothing).
-        self._open: dict[str, dict[str, Node]] = {}
+        self._place = Placement(load_balancing=self.config.load_balancing,
+                                priority_queue=self.config.priority_queue)
         self._by_token: dict[int, Task] = {}
-        self._ready: dict[str, list[tuple[tuple[Any, ...], int, Task]]] = {}
         self._timers: list[tuple[float, int, Task]] = []
         self._seq = itertools.count()
         self._run_seq = itertools.count()
@@ -105,9 +104,6 @@ class Scheduler:
         self._assign: dict[str, list[TaskAssignment]] = {}
         self._liveness_every = min(1.0, self.config.heartbeat_timeout / 4)
         self._liveness_at: float | None = None  # when silent nodes are looked for next
-        self._held: dict[str, int] = {}  # resource key -> units held, across all runs
-        self._blocked: list[Task] = []  # ready, but a resource is held
-        self._unplaced: list[Task] = []  # ready, but no free worker has its labels
 
     # --- public -----------------------------------------------------------------------
 
@@ -131,7 +127,7 @@ class Scheduler:
                 if node is not None:
                     node.draining = True
                     node.last_seen = now
-                    self._reindex(node)
+                    self._place.reindex(node)
                     self._journal("node.draining", now, node=node.name)
             case RunSubmitted():
                 self._on_submit(event)
@@ -246,17 +242,9 @@ class Scheduler:
 
     def validate(self) -> None:
         """Check the invariants; tests call this after every step."""
-        held: dict[str, int] = {}
-        for run in self._runs.values():
-            for t in itertools.chain(run.tasks.values(), run.rollbacks):
-                if t.holding:
-                    for k in t.resources:
-                        held[k] = held.get(k, 0) + 1
-        assert held == self._held, (held, self._held)
-        open_now = {cap: {nid for nid, n in self._nodes.items() if cap in n.caps and n.free > 0}
-                    for cap in {c for n in self._nodes.values() for c in n.caps}}
-        assert {c: set(ns) for c, ns in self._open.items() if ns} == \
-            {c: ns for c, ns in open_now.items() if ns}, "open index out of date"
+        self._place.validate(self._nodes.values(), (
+            t for run in self._runs.values()
+            for t in itertools.chain(run.tasks.values(), run.rollbacks)))
         for node in self._nodes.values():
             assert len(node.running) <= node.slots, f"{node.name} over its slots"
             for token, task in node.running.items():
@@ -385,7 +373,7 @@ class Scheduler:
         task.first_start = rec.first_start
         if state is TaskState.RUNNING:  # its worker may still report: hold it a while
             self._force(task, TaskState.RETRYING)
-            self._claim(task)  # and its locks: it may still be running out there
+            self._place.claim(task)  # and its locks: it may still be running out there
             task.orphan = task.token
             self._by_token[task.token] = task
             task.due = now + self.config.orphan_grace
@@ -398,8 +386,7 @@ class Scheduler:
             heapq.heappush(self._timers, (task.due, next(self._seq), task))
         elif state is TaskState.READY:
             self._force(task, state)
-            heapq.heappush(self._ready.setdefault(task.dispatch, []),
-                           (self._key(task), next(self._seq), task))
+            self._place.push(task)
         else:
             self._force(task, state)
 
@@ -413,11 +400,7 @@ class Scheduler:
         if pause:
             self._journal("run.paused", ev.now, run)
             return
-        for task in run.parked:
-            if task.state is TaskState.READY:
-                heapq.heappush(self._ready.setdefault(task.dispatch, []),
-                               (self._key(task), next(self._seq), task))
-        run.parked.clear()
+        self._place.push_all(run.parked)
         self._journal("run.resumed", ev.now, run, data={"status": run.state.value})
 
     def _on_cancel(self, ev: RunCancelled) -> None:
@@ -435,7 +418,7 @@ class Scheduler:
             if task.state in TERMINAL:
                 continue
             if task.state is TaskState.RUNNING and task.node is not None:
-                self._vacate(task.node, task.token)
+                self._place.vacate(task.node, task.token, task.node.id in self._nodes)
                 abandon.setdefault(task.node.id, []).append(task.token)
                 task.node = None
             self._set(task, TaskState.CANCELLED)
@@ -461,7 +444,7 @@ class Scheduler:
             self._on_node_gone(old.id, ev.now, "replaced", False)
         node = Node(ev, next(self._node_seq))
         self._nodes[node.id] = node
-        self._reindex(node)
+        self._place.reindex(node)
         if self._liveness_at is None:
             self._liveness_at = ev.now + self._liveness_every
         self._journal("node.joined", ev.now, node=node.name, data={
@@ -475,10 +458,10 @@ class Scheduler:
                     and task.state in (TaskState.READY, TaskState.RETRYING)
                     and len(node.running) < node.slots):
                 self._set(task, TaskState.RUNNING)
-                self._claim(task)
+                self._place.claim(task)
                 task.node = node
                 task.orphan = 0
-                self._occupy(node, token, task)
+                self._place.occupy(node, token, task)
                 self._journal("symbol.adopted", ev.now, task.run, task, node=node.name,
                               attempt=task.attempts)
             else:
@@ -490,8 +473,7 @@ class Scheduler:
         node = self._nodes.pop(node_id, None)
         if node is None:
             return
-        for cap in node.caps:
-            self._open.get(cap, {}).pop(node.id, None)
+        self._place.remove(node)
         self._journal("node.lost" if not graceful else "node.left", now, node=node.name,
                       data={"node_id": node.id, "reason": reason,
                             "running": len(node.running)})
@@ -500,7 +482,7 @@ class Scheduler:
 
     def _lose(self, task: Task, node: Node, now: float, reason: str, graceful: bool) -> None:
         """An attempt whose worker is gone (or forgot it): requeue it, or fail it for good."""
-        self._vacate(node, task.token)
+        self._place.vacate(node, task.token, node.id in self._nodes)
         task.node = None
         run = task.run
         if not graceful:
@@ -561,7 +543,7 @@ class Scheduler:
         acks = []
         for r in ev.results:
             acks.append(r.token)
-            task = self._vacate(node, r.token) if node is not None else None
+            task = (self._place.vacate(node, r.token, True) if node is not None else None)
             if task is None and node is not None:
                 task = self._orphan_result(r.token)
             if task is None:
@@ -583,7 +565,7 @@ class Scheduler:
                 or task.state not in (TaskState.READY, TaskState.RETRYING)):
             return None
         self._set(task, TaskState.RUNNING)
-        self._claim(task)
+        self._place.claim(task)
         task.orphan = 0
         return task
 
@@ -720,8 +702,7 @@ class Scheduler:
                     self._make_ready(t, now)
 
     def _push_ready(self, task: Task, now: float, reason: str = "") -> None:
-        heapq.heappush(self._ready.setdefault(task.dispatch, []),
-                       (self._key(task), next(self._seq), task))
+        self._place.push(task)
         self._journal("symbol.queued", now, task.run, task,
                       data={"reason": reason} if reason else {})
 
@@ -799,58 +780,12 @@ class Scheduler:
     # --- placement --------------------------------------------------------------------
 
     def _dispatch(self, now: float) -> None:
-        if self._unplaced:  # a slot may have freed or a worker joined since
-            self._retry_set_aside(self._unplaced)
-        if not self._ready or not self._nodes:
-            return
-        while True:
-            best: tuple[Any, ...] | None = None
-            best_node: Node | None = None
-            best_heap: list[tuple[tuple[Any, ...], int, Task]] | None = None
-            for heap in self._ready.values():
-                node = None
-                while heap:
-                    t = heap[0][2]
-                    if t.state is not TaskState.READY:
-                        heapq.heappop(heap)
-                    elif t.run.paused:  # set aside until its run resumes
-                        t.run.parked.append(heapq.heappop(heap)[2])
-                    elif t.resources and not self._resources_free(t):
-                        # Waiting for a lock never holds back the symbols behind it.
-                        self._blocked.append(heapq.heappop(heap)[2])
-                    elif best is not None and heap[0][:2] >= best:
-                        break
-                    elif (node := self._pick_node(t)) is None and t.requires:
-                        self._unplaced.append(heapq.heappop(heap)[2])  # no match free now
-                    else:
-                        break
-                if node is not None and heap and (best is None or heap[0][:2] < best):
-                    best, best_node, best_heap = heap[0][:2], node, heap
-            if best_node is None or best_heap is None:
-                return
-            _, _, task = heapq.heappop(best_heap)
-            self._start(task, best_node, now)
-
-    def _pick_node(self, task: Task) -> Node | None:
-        """A free worker that runs the task's backend and has its labels; least loaded
-        first (or the first registered, without load balancing)."""
-        dispatch, requires = task.dispatch, task.requires
-        best: Node | None = None
-        best_key: tuple[float, int] | None = None
-        for node in self._open.get(dispatch, {}).values():
-            if requires and any(node.labels.get(k) != v for k, v in requires.items()):
-                continue
-            if not self.config.load_balancing:
-                key: tuple[float, int] = (0.0, node.seq)
-            else:
-                key = (len(node.running) / node.slots, node.seq)
-            if best_key is None or key < best_key:
-                best, best_key = node, key
-        return best
+        for task, node in self._place.placements(bool(self._nodes)):
+            self._start(task, node, now)
 
     def _start(self, task: Task, node: Node, now: float) -> None:
         self._set(task, TaskState.RUNNING)
-        self._claim(task)
+        self._place.claim(task)
         task.attempts += 1
         if task.first_start is None:
             task.first_start = now
@@ -858,7 +793,7 @@ class Scheduler:
         task.token = self._next_token
         self._next_token += 1
         task.node = node
-        self._occupy(node, task.token, task)
+        self._place.occupy(node, task.token, task)
         self._by_token[task.token] = task
         spec = task.spec
         timeout = spec.timeout
@@ -874,65 +809,17 @@ class Scheduler:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _occupy(self, node: Node, token: int, task: Task) -> None:
-        node.running[token] = task
-        if node.free <= 0:
-            self._reindex(node)
-
-    def _vacate(self, node: Node, token: int) -> Task | None:
-        task = node.running.pop(token, None)
-        if task is not None and node.free == 1 and node.id in self._nodes:
-            self._reindex(node)  # it was full: open again
-        return task
-
-    def _reindex(self, node: Node) -> None:
-        """Put a node in or out of the open index of each of its backends."""
-        for cap in node.caps:
-            if node.free > 0:
-                self._open.setdefault(cap, {})[node.id] = node
-            else:
-                self._open.get(cap, {}).pop(node.id, None)
-
-    def _resources_free(self, task: Task) -> bool:
-        caps = task.run.workflow.resources
-        return all(self._held.get(k, 0) < caps.get(k, 1) for k in task.resources)
-
-    def _claim(self, task: Task) -> None:
-        if task.resources and not task.holding:
-            task.holding = True
-            for k in task.resources:
-                self._held[k] = self._held.get(k, 0) + 1
-
-    def _release(self, task: Task) -> None:
-        task.holding = False
-        for k in task.resources:
-            self._held[k] -= 1
-            if not self._held[k]:
-                del self._held[k]
-        self._retry_set_aside(self._blocked)
-
-    def _retry_set_aside(self, tasks: list[Task]) -> None:
-        """Tasks set aside for a lock or a matching worker go back in line."""
-        for t in tasks:
-            if t.state is TaskState.READY:
-                heapq.heappush(self._ready.setdefault(t.dispatch, []),
-                               (self._key(t), next(self._seq), t))
-        tasks.clear()
-
     def _force(self, task: Task, state: TaskState) -> None:
         """Put a task in a state without a transition: only for rebuilding from records."""
         if state in TERMINAL and task.state not in TERMINAL:
             task.run.unfinished -= 1
         task.state = state
 
-    def _key(self, task: Task) -> tuple[Any, ...]:
-        return task.key if self.config.priority_queue and task.key else (next(self._seq),)
-
     def _set(self, task: Task, state: TaskState) -> None:
         if state not in TASK_TRANSITIONS[task.state]:
             raise IllegalTransition(f"{task.id}: {task.state.value} -> {state.value}")
         if task.holding and state is not TaskState.RUNNING:
-            self._release(task)  # success, failure, timeout, loss or cancel: all let go
+            self._place.release(task)  # success, failure, timeout, loss or cancel: let go
         if state in TERMINAL and task.state not in TERMINAL:
             task.run.unfinished -= 1
             self._by_token.pop(task.token, None)

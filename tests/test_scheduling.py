@@ -67,7 +67,7 @@ def test_locks_are_released_however_a_symbol_ends(ending: str) -> None:
     else:
         h.feed(c.RunCancelled(t.run_id, h.now))
     assert len(h.take("w")) == 1  # the lock went to the next symbol that wants it
-    assert sum(h.s._held.values()) == 1
+    assert sum(h.s._place.held.values()) == 1
 
 
 def test_a_restored_running_symbol_keeps_its_lock_until_its_fate_is_known() -> None:
