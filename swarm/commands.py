@@ -188,7 +188,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with _client(args, cfg, "swarm-runs") as c:
-            runs = (await c.request("runs", limit=args.limit))["runs"]
+            runs = await c.runs(args.limit)
         if args.json:
             print(json.dumps(runs, indent=2, default=str))
         else:
@@ -205,7 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with _client(args, cfg, "swarm-report") as c:
-            rep = await c.request("report", run_id=args.run_id)
+            rep = await c.report(args.run_id)
         if args.json:
             print(json.dumps(rep, indent=2, default=str))
         else:
