@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .protocol import Event
+from .tasks import TERMINAL
 
 FINAL_RUN_STATES = frozenset({"completed", "failed", "rolled_back", "cancelled"})
 FINAL_RUN_EVENTS = frozenset(f"run.{s}" for s in FINAL_RUN_STATES)
@@ -95,8 +96,7 @@ class RunUpdate:
 
 def ended_tasks(tasks: Iterable[dict[str, Any]]) -> list[str]:
     """The ids of the task records (as `Client.run` returns them) that ended."""
-    return [t["task_id"] for t in tasks
-            if t["state"] not in ("pending", "ready", "running", "retrying")]
+    return [t["task_id"] for t in tasks if t["state"] in TERMINAL]
 
 
 class ProgressTracker:
