@@ -345,11 +345,8 @@ class Dispatcher:
             targets = [peer for peer in self._clients if peer.wants(r.run_id)]
             if not targets:
                 continue
-            data = r.data
-            if "manifest" in data or "stderr" in data:
-                data = {k: v for k, v in data.items() if k not in ("manifest", "stderr")}
             ev = p.Event(kind=r.kind, ts=r.ts, run_id=r.run_id, task_id=r.task_id,
-                         symbol=r.symbol, node=r.node, attempt=r.attempt, data=data)
+                         symbol=r.symbol, node=r.node, attempt=r.attempt, data=r.lean_data())
             for peer in targets:
                 batches.setdefault(peer, []).append(ev)
         for peer, events in batches.items():

@@ -128,6 +128,9 @@ Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSu
 # --- commands (out) -------------------------------------------------------------------
 
 
+BULKY = frozenset({"manifest", "stderr"})
+
+
 @dataclass(frozen=True, slots=True)
 class Journal:
     """A state change: persisted, then published. `kind` is e.g. `symbol.completed`."""
@@ -140,6 +143,14 @@ class Journal:
     node: str | None = None
     attempt: int | None = None
     data: dict[str, Any] = field(default_factory=dict)
+
+    def lean_data(self, *also: str) -> dict[str, Any]:
+        """The data without its bulky fields (the manifest, stderr: other tables hold
+        them, and followers do not need them), nor `also`; the same dict if it has none."""
+        drop = BULKY.union(also) if also else BULKY
+        if drop.isdisjoint(self.data):
+            return self.data
+        return {k: v for k, v in self.data.items() if k not in drop}
 
 
 @dataclass(frozen=True, slots=True)

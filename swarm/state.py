@@ -126,8 +126,6 @@ _RUN_STATUS = {"run.completed": "completed", "run.failed": "failed",
                "run.rolled_back": "rolled_back", "run.rolling_back": "rolling_back",
                "run.cancelled": "cancelled", "run.rollback_requested": "rolling_back",
                "run.paused": "paused"}
-# Fields of event data kept out of the journal rows because other tables hold them.
-_BULKY = ("manifest", "stderr")
 
 
 def _apply(b: _Batch, e: Journal) -> None:
@@ -200,11 +198,8 @@ def _apply(b: _Batch, e: Journal) -> None:
                   _json(d["labels"]), e.ts))
     elif k in ("node.lost", "node.left"):
         b.update("nodes", d["node_id"], status=k[5:], left_at=e.ts, reason=d["reason"])
-    data = d
-    if k == "attempt.finished":  # the attempts row holds its output
-        data = {key: v for key, v in d.items() if key not in _BULKY and key != "output"}
-    elif any(key in d for key in _BULKY):
-        data = {key: v for key, v in d.items() if key not in _BULKY}
+    # The attempts row holds an attempt's output.
+    data = e.lean_data("output") if k == "attempt.finished" else e.lean_data()
     b.events.append((e.ts, k, e.run_id, tid, e.symbol, e.node, e.attempt, _json(data)))
 
 
