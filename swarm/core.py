@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +67,14 @@ class SchedulerConfig:
     priority_queue: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     retry_limit: int | None = None  # cap on any symbol's retries
-    first_token: int = 1  # attempt tokens continue from here (persisted by the shell)
+    first_token: int = 1  # without a token source: tokens count up from here (tests)
+    # Where attempt tokens come from. The dispatcher draws them at random (64 bits), so a
+    # token cannot be guessed; the core stays deterministic without one.
+    token_source: Callable[[], int] | None = None
     orphan_grace: float = 15.0  # seconds a restored running attempt waits for its worker
+    # Ticks further apart than this while nodes are connected mean the dispatcher itself
+    # stalled (it ticks about every second): nobody's silence is judged across a stall.
+    stall_after: float = 3.0
 
 
 # --- internal state -------------------------------------------------------------------
@@ -104,6 +110,9 @@ class Scheduler:
         self._assign: dict[str, list[TaskAssignment]] = {}
         self._liveness_every = min(1.0, self.config.heartbeat_timeout / 4)
         self._liveness_at: float | None = None  # when silent nodes are looked for next
+        self._last_tick: float | None = None
+        self.refused = 0  # results and adoption claims from a node that does not own them
+        self.stalls = 0
 
     # --- public -----------------------------------------------------------------------
 
@@ -112,8 +121,8 @@ class Scheduler:
         self._out = []
         self._assign = {}
         match event:
-            case Tick(now=now):
-                self._on_tick(now)
+            case Tick(now=now, stalled=stalled):
+                self._on_tick(now, stalled)
             case ResultsReceived():
                 self._on_results(event)
             case NodeHeartbeat():
@@ -162,9 +171,16 @@ class Scheduler:
             times.append(self._liveness_at)
         return min(times) if times else None
 
-    @property
-    def next_token(self) -> int:
-        return self._next_token
+    def _new_token(self) -> int:
+        source = self.config.token_source
+        if source is None:
+            token = self._next_token
+            self._next_token += 1
+            return token
+        while True:  # 0 means "none" and a live token is never given twice
+            token = source()
+            if token and token not in self._by_token:
+                return token
 
     def run_state(self, run_id: str) -> RunState | None:
         run = self._runs.get(run_id)
@@ -370,6 +386,7 @@ class Scheduler:
     def _restore_task(self, task: Task, rec: TaskRecord, now: float) -> None:
         state = TaskState(rec.state)
         task.attempts, task.losses, task.token = rec.attempts, rec.losses, rec.token
+        task.owner = rec.node_id
         task.first_start = rec.first_start
         if state is TaskState.RUNNING:  # its worker may still report: hold it a while
             self._force(task, TaskState.RETRYING)
@@ -440,8 +457,8 @@ class Scheduler:
 
     def _on_connect(self, ev: NodeConnected) -> None:
         old = self._nodes.get(ev.node_id)
-        if old is not None:
-            self._on_node_gone(old.id, ev.now, "replaced", False)
+        if old is not None:  # the same node, reconnected before its old connection ended
+            self._on_node_gone(old.id, ev.now, "replaced", True)
         node = Node(ev, next(self._node_seq))
         self._nodes[node.id] = node
         self._place.reindex(node)
@@ -453,8 +470,11 @@ class Scheduler:
         abandon = []
         for token in ev.running:
             task = self._by_token.get(token)
+            if task is not None and task.owner != node.id:
+                self._refuse(task, token, node, ev.now, "adoption")
+                abandon.append(token)
             # A reconnecting worker keeps an attempt only if nobody else took it over.
-            if (task is not None and task.token == token and task.orphan == token
+            elif (task is not None and task.token == token and task.orphan == token
                     and task.state in (TaskState.READY, TaskState.RETRYING)
                     and len(node.running) < node.slots):
                 self._set(task, TaskState.RUNNING)
@@ -462,12 +482,20 @@ class Scheduler:
                 task.node = node
                 task.orphan = 0
                 self._place.occupy(node, token, task)
+                node.order[token] = 0  # it named the attempt itself: no assignment to await
                 self._journal("symbol.adopted", ev.now, task.run, task, node=node.name,
-                              attempt=task.attempts)
+                              attempt=task.attempts, data={"node_id": node.id, "token": token})
             else:
                 abandon.append(token)
         if abandon:
             self._out.append(Abandon(node.id, tuple(abandon)))
+
+    def _refuse(self, task: Task, token: int, node: Node, now: float, what: str) -> None:
+        """A node claimed an attempt it was never given: dropped, journaled, counted; the
+        attempt stays with its owner."""
+        self.refused += 1
+        self._journal("claim.refused", now, task.run, task, node=node.name, data={
+            "token": token, "claim": what, "node_id": node.id, "owner": task.owner})
 
     def _on_node_gone(self, node_id: str, now: float, reason: str, graceful: bool) -> None:
         node = self._nodes.pop(node_id, None)
@@ -510,17 +538,32 @@ class Scheduler:
         if node is None:
             return
         node.last_seen = ev.now
-        if ev.running is None:
+        if ev.running is None or ev.assigned is None:
             return
         # An attempt the worker no longer reports twice in a row is lost: its result will
-        # never come, and without this its slot would be held forever.
+        # never come, and without this its slot would be held forever. Only attempts the
+        # worker provably had when it sent the heartbeat count: one still on its way (the
+        # dispatcher may lag far behind) is not missing.
         reported = set(ev.running)
-        missing = {t for t in node.running if t not in reported}
+        order = node.order
+        missing = {t for t in node.running
+                   if t not in reported and order.get(t, 0) <= ev.assigned}
         for token in missing & node.suspect:
             self._lose(node.running[token], node, ev.now, "worker forgot the attempt", False)
         node.suspect = missing - node.suspect
 
-    def _on_tick(self, now: float) -> None:
+    def _on_tick(self, now: float, stalled: float = 0.0) -> None:
+        last, self._last_tick = self._last_tick, now
+        if self._nodes and (stalled > 0 or (last is not None
+                                            and now - last > self.config.stall_after)):
+            # The dispatcher itself was not listening: frames may wait unread in its
+            # buffers. Every node gets a fresh grace period before it is judged.
+            self.stalls += 1
+            for node in self._nodes.values():
+                node.last_seen = max(node.last_seen, now)
+            self._journal("dispatcher.stalled", now, data={
+                "seconds": round(stalled or now - (last or now), 3),
+                "nodes": len(self._nodes)})
         while self._timers and self._timers[0][0] <= now:
             _, _, task = heapq.heappop(self._timers)
             if task.state is TaskState.RETRYING:
@@ -545,6 +588,10 @@ class Scheduler:
             acks.append(r.token)
             task = (self._place.vacate(node, r.token, True) if node is not None else None)
             if task is None and node is not None:
+                known = self._by_token.get(r.token)
+                if known is not None and known.owner != node.id:
+                    self._refuse(known, r.token, node, ev.now, "result")
+                    continue
                 task = self._orphan_result(r.token)
             if task is None:
                 # Stale (fenced off), duplicate, or not this node's: acknowledged, dropped.
@@ -790,10 +837,12 @@ class Scheduler:
         if task.first_start is None:
             task.first_start = now
         self._by_token.pop(task.token, None)  # an earlier attempt's token is fenced off now
-        task.token = self._next_token
-        self._next_token += 1
+        task.token = self._new_token()
         task.node = node
+        task.owner = node.id
         self._place.occupy(node, task.token, task)
+        node.assigned += 1
+        node.order[task.token] = node.assigned
         self._by_token[task.token] = task
         spec = task.spec
         timeout = spec.timeout

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
+import hmac
 import itertools
 import logging
 import secrets
@@ -39,9 +41,29 @@ HELLO_TIMEOUT = 5.0
 CLIENT_QUEUE = 10_000  # events buffered per subscriber before it is told it missed some
 SEND_QUEUE = 50_000  # frames queued for one peer before it is closed as stuck
 TICK_MAX = 1.0
+# The tick loop woke this much later than it asked to: the dispatcher itself stalled (a
+# SIGSTOP, a blocked disk, a long burst of work), and nobody's silence is judged across it.
+STALL = 1.0
 
 
-def scheduler_config(cfg: Config, first_token: int) -> c.SchedulerConfig:
+def random_token() -> int:
+    """An attempt token: 64 random bits, as a signed 64-bit integer (what SQLite holds)."""
+    return secrets.randbits(64) - (1 << 63)
+
+
+class Clock:
+    """Seconds since the epoch that never jump: the wall clock at start, advanced by the
+    monotonic clock. A wall-clock step (NTP, an operator) cannot make every node look
+    silent, nor fire every retry timer at once."""
+
+    def __init__(self) -> None:
+        self._base = time.time() - time.monotonic()
+
+    def __call__(self) -> float:
+        return self._base + time.monotonic()
+
+
+def scheduler_config(cfg: Config) -> c.SchedulerConfig:
     co = cfg.coordinator
     return c.SchedulerConfig(
         heartbeat_timeout=co.heartbeat_timeout / 1000.0,
@@ -50,7 +72,7 @@ def scheduler_config(cfg: Config, first_token: int) -> c.SchedulerConfig:
         priority_queue=co.priority_queue_enabled,
         retry=cfg.retry,
         retry_limit=co.task_retry_limit,
-        first_token=first_token,
+        token_source=random_token,
         # A worker that outlived the last dispatcher reconnects within its backoff; its
         # running attempts wait this long for it before they run again elsewhere.
         orphan_grace=co.heartbeat_timeout / 1000.0,
@@ -150,7 +172,10 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
         self._started = time.time()
+        self.now = Clock()
+        self._node_key = b""
         self.failed: BaseException | None = None
+        self.refused_hellos = 0  # workers that claimed a node id without its proof
         self.stopped = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------
@@ -159,8 +184,8 @@ class Dispatcher:
         check_listen(self.host, self.config, self.insecure)
         ssl_context = server_context(self.config)
         self.store = await Store.open(self.db_path, self.config.dispatcher.synchronous)
-        first = await self.store.max_token() + 1
-        self.core = c.Scheduler(scheduler_config(self.config, first))
+        self._node_key = await self.store.node_key()
+        self.core = c.Scheduler(scheduler_config(self.config))
         for run_id in await self.store.unfinished_runs():
             await self._restore(run_id)
         try:
@@ -226,7 +251,7 @@ class Dispatcher:
         row, records = loaded
         wf = workflow_from_dict(row["manifest"], source=f"<run {run_id}>")
         self._feed(c.RunRestored(run_id, wf, row["status"], row["created_at"], tuple(records),
-                                 time.time()))
+                                 self.now()))
         log.info("run %s (%s): %s, restored from the state DB", run_id, wf.name, row["status"])
         return True
 
@@ -246,6 +271,8 @@ class Dispatcher:
         for cmd in commands:
             if isinstance(cmd, c.Journal):
                 self._records.append(cmd)
+                if cmd.kind in _LOGGED:
+                    _LOGGED[cmd.kind](cmd)
                 continue
             peer = self._workers.get(cmd.node_id)
             if peer is None:
@@ -323,18 +350,26 @@ class Dispatcher:
 
     async def _tick_loop(self) -> None:
         assert self.core is not None
+        stalled = 0.0
         while True:
             self.core.forget_finished()  # finished runs live on in the state DB only
             deadline = self.core.next_deadline()
-            wait = TICK_MAX if deadline is None else min(TICK_MAX, deadline - time.time())
+            now = self.now()
+            wait = TICK_MAX if deadline is None else min(TICK_MAX, deadline - now)
             self._rearm.clear()
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._rearm.wait(), wait)
+                late = self.now() - now - wait
+                if late > STALL and not self._rearm.is_set():
+                    log.warning("the dispatcher stalled for %.1f s; every node gets a fresh "
+                                "grace period", late)
+                    stalled = max(stalled, late)
                 nd = self.core.next_deadline()
-                if nd is None or nd > time.time():
+                if (nd is None or nd > self.now()) and not stalled:
                     continue
-            self._feed(c.Tick(time.time()))
+            self._feed(c.Tick(self.now(), stalled))
+            stalled = 0.0
 
     def _publish(self, records: list[c.Journal]) -> None:
         """The committed entries, as events, to the clients watching their runs."""
@@ -364,6 +399,23 @@ class Dispatcher:
         finally:
             self._connections -= 1
 
+    def counters(self) -> list[tuple[str, str, float]]:
+        """Counters for /metrics: what was refused or survived, since the start."""
+        core = self.core
+        return [
+            ("swarm_claims_refused_total", "Results and adoption claims dropped because the "
+             "node does not own the attempt.", core.refused if core else 0),
+            ("swarm_node_proofs_refused_total", "Workers that claimed a node id without its "
+             "proof.", self.refused_hellos),
+            ("swarm_dispatcher_stalls_total", "Times the dispatcher itself stalled and gave "
+             "every node a fresh grace period.", core.stalls if core else 0),
+        ]
+
+    def node_secret(self, node_id: str) -> bytes:
+        """A node's secret, derived from the DB's node key: nothing per node to store, and
+        it survives dispatcher restarts."""
+        return hmac.new(self._node_key, node_id.encode(), hashlib.sha256).digest()
+
     async def _serve_peer(self, ws: ServerConnection) -> None:
         token = self.config.security.token
         nonce = secrets.token_bytes(16)
@@ -392,8 +444,11 @@ class Dispatcher:
                         ws.remote_address)
             await ws.close(p.CLOSE_POLICY, "authentication failed")
             return
+        if not p.NODE_NAME.fullmatch(hello.name):
+            await ws.close(p.CLOSE_POLICY, "invalid name: 1-64 of A-Z a-z 0-9 . _ @ : -")
+            return
         if hello.role == "worker":
-            await self._serve_worker(ws, hello)
+            await self._serve_worker(ws, hello, nonce)
         else:
             await self._serve_client(ws, hello)
 
@@ -410,30 +465,48 @@ class Dispatcher:
                 return
             yield msg
 
-    async def _serve_worker(self, ws: ServerConnection, hello: p.Hello) -> None:
-        if len(self._workers) >= self.config.coordinator.max_workers:
+    def _identify(self, hello: p.Hello, nonce: bytes) -> tuple[str, bytes]:
+        """The node id of a worker, and the secret to give it if it is new. A reconnecting
+        worker keeps its id only with proof; without, it is a new node and adopts nothing."""
+        if hello.node_id:
+            if p.check_proof_bytes(self.node_secret(hello.node_id), nonce, hello.node_proof):
+                return hello.node_id, b""
+            self.refused_hellos += 1
+            log.warning("worker %s claimed node id %r without proof; registered as a new "
+                        "node", hello.name, hello.node_id)
+        # Unique across dispatcher restarts too: the counter alone would repeat.
+        node_id = f"{hello.name}#{next(self._ids)}.{secrets.token_hex(4)}"
+        return node_id, self.node_secret(node_id)
+
+    async def _serve_worker(self, ws: ServerConnection, hello: p.Hello, nonce: bytes) -> None:
+        node_id, secret = self._identify(hello, nonce)
+        old = self._workers.get(node_id)
+        if len(self._workers) - (old is not None) >= self.config.coordinator.max_workers:
             await ws.close(1013, f"dispatcher full: max_workers={len(self._workers)}")
             return
         if hello.slots < 1:
             await ws.close(p.CLOSE_POLICY, "a worker needs at least one slot")
             return
-        # Unique across dispatcher restarts too: node rows are never overwritten.
-        node_id = f"{hello.name}#{next(self._ids)}.{secrets.token_hex(3)}"
+        if old is not None:  # the same node again: its old connection is half-dead
+            log.info("worker %s reconnected; closing its previous connection", hello.name)
+            asyncio.get_running_loop().create_task(old.ws.close(p.CLOSE_REPLACED, "replaced"))
         peer = _Peer(ws, "worker", hello.name, node_id)
         self._workers[node_id] = peer
-        peer.send(p.Welcome(node_id=node_id, version=__version__,
+        peer.send(p.Welcome(node_id=node_id, version=__version__, node_secret=secret,
                             heartbeat_interval=self.config.coordinator.heartbeat_interval))
         log.info("worker %s joined: %s, %d slots", hello.name,
                  ", ".join(hello.capabilities) or "no backends", hello.slots)
         self._feed(c.NodeConnected(node_id, hello.name, hello.capabilities, hello.slots,
-                                   time.time(), hello.labels, hello.running))
+                                   self.now(), hello.labels, hello.running))
         try:
             async for msg in self._messages(ws, hello):
-                now = time.time()
+                now = self.now()
+                if self._workers.get(node_id) is not peer:
+                    break  # replaced by a newer connection of the same node
                 if isinstance(msg, p.Results):
                     self._feed(c.ResultsReceived(node_id, msg.items, now))
                 elif isinstance(msg, p.Heartbeat):
-                    self._feed(c.NodeHeartbeat(node_id, now, msg.running))
+                    self._feed(c.NodeHeartbeat(node_id, now, msg.running, msg.assigned))
                 elif isinstance(msg, p.Draining):
                     peer.draining = True
                     self._feed(c.NodeDraining(node_id, now))
@@ -445,10 +518,11 @@ class Dispatcher:
         except ConnectionClosed:
             pass
         finally:
-            self._workers.pop(node_id, None)
-            log.info("worker %s left (%s)", hello.name,
-                     "drained" if peer.draining else "connection closed")
-            self._feed(c.NodeDisconnected(node_id, time.time(), graceful=peer.draining))
+            if self._workers.get(node_id) is peer:  # not if a newer connection took over
+                del self._workers[node_id]
+                log.info("worker %s left (%s)", hello.name,
+                         "drained" if peer.draining else "connection closed")
+                self._feed(c.NodeDisconnected(node_id, self.now(), graceful=peer.draining))
             await peer.close()
 
     async def _serve_client(self, ws: ServerConnection, hello: p.Hello) -> None:
@@ -472,6 +546,16 @@ class Dispatcher:
         finally:
             self._clients.discard(peer)
             await peer.close()
+
+
+def _log_refused(j: c.Journal) -> None:
+    log.warning("node %s (%s) claimed attempt %s of %s (%s) that belongs to %s; dropped",
+                j.node, j.data["node_id"], j.data["token"], j.symbol, j.data["claim"],
+                j.data["owner"] or "nobody")
+
+
+# Journal entries an operator should also see in the log, as they are made.
+_LOGGED = {"claim.refused": _log_refused}
 
 
 def tune_gc() -> None:

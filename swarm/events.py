@@ -40,6 +40,9 @@ class NodeHeartbeat:
     node_id: str
     now: float
     running: tuple[int, ...] | None = None  # the attempts the worker says it runs
+    # How many assignments the worker had received on this connection when it sent the
+    # heartbeat: only attempts assigned up to then can be missing from `running`.
+    assigned: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,7 @@ class TaskRecord:
     first_start: float | None = None
     parent: str | None = None  # rollback: the symbol it undoes
     after: tuple[str, ...] = ()  # rollback: symbols whose rollbacks come first
+    node_id: str = ""  # the node that holds (or held) the attempt `token`
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,7 @@ class ResultsReceived:
 @dataclass(frozen=True, slots=True)
 class Tick:
     now: float
+    stalled: float = 0.0  # seconds the shell itself was late (a stall): no node is to blame
 
 
 Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted

@@ -53,8 +53,13 @@ def gauge(name: str, help: str, values: Mapping[str, float] | float,
     return lines
 
 
+def counter(name: str, help: str, value: float) -> list[str]:
+    return [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
+
+
 def render(snapshot: Mapping[str, Any], runs_by_state: Mapping[str, int],
-           histograms: Iterable[Histogram], uptime: float, version: str) -> str:
+           histograms: Iterable[Histogram], uptime: float, version: str,
+           counters: Iterable[tuple[str, str, float]] = ()) -> str:
     """The whole /metrics page from the scheduler's snapshot and the DB's run counts."""
     nodes = snapshot["nodes"]
     lines = gauge("swarm_info", "Dispatcher version.", {version: 1}, label="version")
@@ -68,6 +73,8 @@ def render(snapshot: Mapping[str, Any], runs_by_state: Mapping[str, int],
     lines += gauge("swarm_worker_free_slots", "Free slots of connected workers.",
                    sum(max(0, n["slots"] - n["running"]) for n in nodes if not n["draining"]))
     lines += gauge("swarm_runs", "Runs in the state DB by status.", runs_by_state)
+    for name, help, value in counters:
+        lines += counter(name, help, value)
     for h in histograms:
         lines += h.render()
     return "\n".join(lines) + "\n"

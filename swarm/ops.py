@@ -78,7 +78,7 @@ class Operations:
             peer.watching.add(run_id)
         durations = await self.d.store.expected_durations(
             wf.name, {s.name: s.dispatch for s in wf.symbols})
-        self.d._feed(c.RunSubmitted(run_id, wf, time.time(), reuse, resumed_from, durations))
+        self.d._feed(c.RunSubmitted(run_id, wf, self.d.now(), reuse, resumed_from, durations))
         log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
                  f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "")
         self._reply_after_commit(peer, req, {"run_id": run_id, "attached": False,
@@ -101,7 +101,7 @@ class Operations:
             await self.d._restore(run_id)
         if req.args.get("follow"):
             peer.watching.add(run_id)
-        self.d._feed(c.RollbackRequested(run_id, time.time()))
+        self.d._feed(c.RollbackRequested(run_id, self.d.now()))
         log.info("run %s: rollback requested", run_id)
         self._reply_after_commit(peer, req, {"run_id": run_id})
         return None
@@ -144,7 +144,7 @@ class Operations:
         """pause / resume / cancel: journaled like every state change, answered once stored."""
         assert self.d.core is not None
         run_id = req.args["run_id"]
-        now = time.time()
+        now = self.d.now()
         event: c.Event
         if req.op == "pause":
             event = c.RunPaused(run_id, now)
@@ -195,7 +195,8 @@ class Operations:
             assert self.d.core is not None and self.d.store is not None
             text = metrics.render(self.d.core.snapshot(), await self.d.store.runs_by_status(),
                                   (self.d.dispatch_latency, self.d.journal_latency),
-                                  time.time() - self.d._started, __version__)
+                                  time.time() - self.d._started, __version__,
+                                  self.d.counters())
             return _response(200, text, "text/plain; version=0.0.4; charset=utf-8")
         return None
 

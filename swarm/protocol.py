@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -24,8 +25,12 @@ import msgpack  # type: ignore[import-untyped]
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 2  # 2: events travel in batches (one "events" frame per commit)
+# 2: events travel in batches (one "events" frame per commit); 3: node identities proven
+# by a per-node secret, heartbeats count the assignments received
+PROTOCOL_VERSION = 3
 MAX_NAME = 256
+# Node names reach logs, reports and command lines: a host name's characters, bounded.
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
 
 # Close codes (RFC 6455 §7.4.1 plus the 4000 range for our own reasons).
 CLOSE_NORMAL = 1000
@@ -57,6 +62,10 @@ class Hello:
     proof: bytes = b""
     running: tuple[int, ...] = ()  # attempt tokens a reconnecting worker still runs
     pid: int = 0
+    # A reconnecting worker's identity (from its first Welcome), proven by
+    # HMAC(node secret, nonce): only then may it adopt attempts or report orphaned ones.
+    node_id: str = ""
+    node_proof: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,7 @@ class Welcome:
     node_id: str
     heartbeat_interval: int  # ms the dispatcher expects between heartbeats
     version: str = ""
+    node_secret: bytes = b""  # a worker's proof of `node_id` when it reconnects
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +131,8 @@ class Ack:
 class Heartbeat:
     T: ClassVar[str] = "heartbeat"
     free: int
-    running: tuple[int, ...] = ()
+    running: tuple[int, ...] = ()  # attempts running, or finished with results unacknowledged
+    assigned: int = 0  # tasks received on this connection when the heartbeat was sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +220,15 @@ def proof_for(token: str, nonce: bytes) -> bytes:
 
 def check_proof(token: str, nonce: bytes, proof: bytes) -> bool:
     return hmac.compare_digest(proof_for(token, nonce), proof)
+
+
+def proof_of(secret: bytes, nonce: bytes) -> bytes:
+    """A node's proof of its identity: HMAC-SHA256 of the nonce under its node secret."""
+    return hmac.new(secret, nonce, hashlib.sha256).digest()
+
+
+def check_proof_bytes(secret: bytes, nonce: bytes, proof: bytes) -> bool:
+    return hmac.compare_digest(proof_of(secret, nonce), proof)
 
 
 # --- encoding -------------------------------------------------------------------------

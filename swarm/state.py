@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import sqlite3
 import statistics
 import time
@@ -24,7 +25,7 @@ import aiosqlite
 from .core import Journal, TaskRecord
 from .errors import StateError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: random attempt tokens (rows keyed by `id`), tasks.node_id
 DEFAULT_DURATION_MS = 1000.0  # expected duration of a symbol with no history at all
 # A group commit of this many journal entries or fewer runs on the event loop's own
 # thread: the hop to the writer thread and back costs about what such a commit costs
@@ -50,10 +51,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     parent TEXT, dispatch TEXT NOT NULL, position INTEGER NOT NULL, state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, losses INTEGER NOT NULL DEFAULT 0, node TEXT,
     token INTEGER, due_at REAL, started_at REAL, finished_at REAL, result TEXT, error TEXT,
-    deps TEXT);
+    deps TEXT, node_id TEXT);
 CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id, position);
+-- Tokens are random (unguessable); rows are kept in the order attempts started (`id`),
+-- so that a group commit appends instead of writing all over the table.
 CREATE TABLE IF NOT EXISTS attempts (
-    token INTEGER PRIMARY KEY, task_id TEXT NOT NULL, run_id TEXT NOT NULL,
+    id INTEGER PRIMARY KEY, token INTEGER NOT NULL UNIQUE, task_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
     attempt INTEGER NOT NULL, node TEXT, started_at REAL NOT NULL, finished_at REAL,
     outcome TEXT NOT NULL, exit_code INTEGER, duration_ms REAL, result TEXT, error TEXT,
     stderr TEXT, truncated INTEGER NOT NULL DEFAULT 0);
@@ -149,7 +153,7 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.update("tasks", tid, state="ready")
     elif k == "symbol.started":
         cols: dict[str, Any] = {"state": "running", "attempts": e.attempt, "node": e.node,
-                                "token": d["token"], "due_at": None}
+                                "token": d["token"], "due_at": None, "node_id": d["node_id"]}
         if e.attempt == 1:
             cols["started_at"] = e.ts
         b.update("tasks", tid, **cols)
@@ -159,7 +163,10 @@ def _apply(b: _Batch, e: Journal) -> None:
     elif k == "symbol.orphaned":
         b.update("tasks", tid, state="retrying", due_at=d["due"])
     elif k == "symbol.adopted":
-        b.update("tasks", tid, state="running", node=e.node)
+        b.update("tasks", tid, state="running", node=e.node, node_id=d.get("node_id"))
+        # Closed as lost when the dispatcher restored; it was running all along.
+        b.update("attempts", d.get("token", 0), outcome="running", finished_at=None,
+                 error=None)
     elif k == "attempt.finished":
         outcome = "ok" if d["ok"] else ("timeout" if d["timed_out"] else "failed")
         b.update("attempts", d["token"], finished_at=e.ts, outcome=outcome,
@@ -280,6 +287,7 @@ def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(f"PRAGMA synchronous={synchronous.upper()}")
     con.execute("PRAGMA busy_timeout=5000")
+    version = SCHEMA_VERSION
     if con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
                    ).fetchone() is not None:
         row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -288,11 +296,50 @@ def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
             raise StateError(f"{path}: schema version {version} is newer than this swarm "
                              f"understands ({SCHEMA_VERSION}); upgrade swarm")
     con.execute("BEGIN IMMEDIATE")
+    try:
+        if version < 2:
+            _upgrade_to_2(con)
+        for stmt in _statements(SCHEMA):
+            con.execute(stmt)
+        con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),))
+        # The key node secrets are derived from (see Store.node_key): made once per DB, so
+        # workers keep their identity across dispatcher restarts.
+        con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('node_key', ?)",
+                    (secrets.token_hex(32),))
+        # Attempts still `running` were cut off by a crash: close them at the dispatcher's
+        # last sign of life, so that busy time in reports is real. One whose worker comes
+        # back and adopts it is reopened (symbol.adopted).
+        con.execute("UPDATE attempts SET outcome = 'lost', error = 'the dispatcher stopped',"
+                    " finished_at = MAX(started_at, COALESCE((SELECT MAX(ts) FROM events),"
+                    " started_at)) WHERE outcome = 'running'")
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+
+
+def _upgrade_to_2(con: sqlite3.Connection) -> None:
+    """Schema 1 -> 2 (inside the caller's transaction): attempts keyed by a row id of their
+    own instead of their (then sequential) token; tasks remember their attempt's node id."""
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "attempts" in tables:
+        con.execute("ALTER TABLE attempts RENAME TO attempts_v1")
+        con.execute("DROP INDEX IF EXISTS attempts_by_task")
+        con.execute("DROP INDEX IF EXISTS attempts_by_run")
+    if "tasks" in tables and "node_id" not in {
+            r[1] for r in con.execute("PRAGMA table_info(tasks)")}:
+        con.execute("ALTER TABLE tasks ADD COLUMN node_id TEXT")
     for stmt in _statements(SCHEMA):
         con.execute(stmt)
-    con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),))
-    con.execute("COMMIT")
+    if "attempts" in tables:
+        con.execute("INSERT INTO attempts (token, task_id, run_id, attempt, node, started_at,"
+                    " finished_at, outcome, exit_code, duration_ms, result, error, stderr,"
+                    " truncated) SELECT token, task_id, run_id, attempt, node, started_at,"
+                    " finished_at, outcome, exit_code, duration_ms, result, error, stderr,"
+                    " truncated FROM attempts_v1 ORDER BY token")
+        con.execute("DROP TABLE attempts_v1")
 
 
 def _commit(con: sqlite3.Connection, batch: _Batch) -> None:
@@ -365,9 +412,10 @@ class Store:
     async def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in await self._db.execute_fetchall(sql, params)]
 
-    async def max_token(self) -> int:
-        rows = await self._rows("SELECT COALESCE(MAX(token), 0) AS m FROM attempts")
-        return int(rows[0]["m"])
+    async def node_key(self) -> bytes:
+        """The secret node secrets are derived from, made when the DB was created."""
+        rows = await self._rows("SELECT value FROM meta WHERE key = 'node_key'")
+        return bytes.fromhex(rows[0]["value"])
 
     async def counts(self) -> dict[str, int]:
         out = {}
@@ -414,12 +462,13 @@ class Store:
         run["manifest"] = json.loads(run["manifest"])
         tasks = await self._rows(
             "SELECT symbol, kind, parent, state, attempts, losses, token, due_at, started_at,"
-            " deps, result FROM tasks WHERE run_id = ? ORDER BY rowid", (run_id,))
+            " deps, result, node_id FROM tasks WHERE run_id = ? ORDER BY rowid", (run_id,))
         records = [TaskRecord(
             name=t["symbol"], kind=t["kind"], state=t["state"], attempts=t["attempts"],
             losses=t["losses"], token=t["token"] or 0, due=t["due_at"],
             first_start=t["started_at"], parent=t["parent"],
-            after=tuple(json.loads(t["deps"])) if t["deps"] else ()) for t in tasks]
+            after=tuple(json.loads(t["deps"])) if t["deps"] else (),
+            node_id=t["node_id"] or "") for t in tasks]
         run["outputs"] = {t["symbol"]: json.loads(t["result"]) if t["result"] else None
                           for t in tasks if t["kind"] == "main" and t["state"] == "completed"}
         return run, records
@@ -444,7 +493,7 @@ class Store:
             "tasks": await self.tasks(run_id),
             "attempts": await self._rows(
                 "SELECT token, task_id, attempt, node, started_at, finished_at, outcome,"
-                " duration_ms FROM attempts WHERE run_id = ? ORDER BY token", (run_id,)),
+                " duration_ms FROM attempts WHERE run_id = ? ORDER BY id", (run_id,)),
             "events": await self.events(run_id),
             "nodes": await self._rows(
                 "SELECT name, slots, joined_at, left_at FROM nodes WHERE joined_at <= ?"
@@ -482,7 +531,7 @@ class Store:
             for r in await self._rows(
                     "SELECT t.dispatch AS dispatch, a.duration_ms AS ms FROM attempts a"
                     " JOIN tasks t ON t.task_id = a.task_id WHERE a.outcome = 'ok'"
-                    f" AND t.dispatch IN ({marks}) ORDER BY a.token DESC LIMIT 2000",
+                    f" AND t.dispatch IN ({marks}) ORDER BY a.id DESC LIMIT 2000",
                     tuple(missing)):
                 by_backend.setdefault(r["dispatch"], []).append(r["ms"])
         backend = {k: statistics.median(v) for k, v in by_backend.items()}

@@ -61,7 +61,7 @@ class IllegalTransition(SwarmError):
 class Task:
     __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                  "dependents", "deps", "node", "token", "due", "first_start", "key",
-                 "parent", "orphan", "resources", "requires", "level", "holding")
+                 "parent", "orphan", "resources", "requires", "level", "holding", "owner")
 
     def __init__(self, run: Run, name: str, kind: str, spec: Symbol | RollbackSpec,
                  parent: Task | None = None) -> None:
@@ -88,6 +88,9 @@ class Task:
         self.requires: dict[str, str] = getattr(spec, "requires", {})
         self.level = 0  # its wave: 0 without dependencies, else 1 + its deepest dependency's
         self.holding = False  # it holds its resources now
+        # The node id the attempt `token` was given to: only that node may report its
+        # result or adopt it after a reconnection, whoever else knows the token.
+        self.owner = ""
 
     @property
     def dispatch(self) -> str:
@@ -127,7 +130,7 @@ class Run:
 
 class Node:
     __slots__ = ("id", "name", "caps", "slots", "labels", "running", "last_seen", "draining",
-                 "seq", "suspect")
+                 "seq", "suspect", "assigned", "order")
 
     def __init__(self, ev: NodeConnected, seq: int) -> None:
         self.id = ev.node_id
@@ -140,6 +143,8 @@ class Node:
         self.draining = False
         self.seq = seq
         self.suspect: set[int] = set()  # missing from the last heartbeat's running list
+        self.assigned = 0  # assignments sent on this connection
+        self.order: dict[int, int] = {}  # running token -> its number among `assigned`
 
     @property
     def free(self) -> int:

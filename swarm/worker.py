@@ -77,6 +77,9 @@ class Worker:
                  slots: int | None = None) -> None:
         self.config = config
         self.name = name or config.worker.name
+        if not p.NODE_NAME.fullmatch(self.name):
+            raise ConfigError(f"invalid node name {self.name!r}: 1 to 64 characters of "
+                              "A-Z a-z 0-9 . _ @ : -, starting with a letter or digit")
         self.url = url or config.worker_url
         try:
             parse_uri(self.url)
@@ -86,6 +89,9 @@ class Worker:
         self.backends = Backends.from_config(config)
         self._ssl = client_context(config, self.url)
         self.node_id = ""
+        self._node_secret = b""  # proves `node_id` when reconnecting (from the Welcome)
+        self._assigned = 0  # tasks received on the current connection
+        self._heartbeat_s = config.worker.heartbeat_interval / 1000.0
         self._ws: ClientConnection | None = None
         self._running: dict[int, asyncio.Task[None]] = {}
         self._unacked: dict[int, p.TaskResult] = {}
@@ -94,6 +100,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
         self._task: asyncio.Task[int] | None = None
+        self._welcomed = False  # the current (or last) connection was accepted
         self.completed = 0
 
     # --- lifecycle --------------------------------------------------------------------
@@ -154,12 +161,11 @@ class Worker:
 
     async def _connect_loop(self) -> None:
         cfg = self.config.worker
-        delay = cfg.reconnect_initial_delay / 1000.0
+        first = delay = cfg.reconnect_initial_delay / 1000.0
         most = cfg.reconnect_max_delay / 1000.0
         while True:
             try:
                 await self._session()
-                delay = cfg.reconnect_initial_delay / 1000.0
                 if self._stopping.is_set():
                     return
                 log.warning("worker %s: connection to %s lost; reconnecting", self.name,
@@ -176,6 +182,9 @@ class Worker:
                     RemoteProtocolError) as e:
                 log.info("worker %s: cannot reach %s (%s); retrying in %.2f s", self.name,
                          self.url, e or type(e).__name__, delay)
+            if self._welcomed:  # the last connection was accepted: start over, quickly
+                self._welcomed = False
+                delay = first
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, most)
 
@@ -194,7 +203,9 @@ class Worker:
                 role="worker", name=self.name, capabilities=self.backends.available,
                 slots=self.slots, labels=dict(self.config.worker.labels),
                 proof=p.proof_for(token, challenge.nonce) if challenge.auth else b"",
-                running=tuple(self._running), pid=os.getpid())))
+                running=tuple(self._running), pid=os.getpid(), node_id=self.node_id,
+                node_proof=p.proof_of(self._node_secret, challenge.nonce)
+                if self._node_secret else b"")))
             try:
                 welcome = p.decode(await asyncio.wait_for(ws.recv(), 10), max_size)
             except ConnectionClosed as e:
@@ -203,7 +214,14 @@ class Worker:
                 raise
             if not isinstance(welcome, p.Welcome):
                 raise RemoteProtocolError("the dispatcher did not welcome us")
+            if welcome.node_secret or welcome.node_id != self.node_id:
+                self._node_secret = welcome.node_secret  # a new identity
             self.node_id = welcome.node_id
+            self._welcomed = True
+            self._assigned = 0
+            # The dispatcher's interval, if shorter: it judges silence by its own.
+            self._heartbeat_s = min(self.config.worker.heartbeat_interval,
+                                    welcome.heartbeat_interval or 1 << 30) / 1000.0
             self._ws = ws
             self._connected.set()
             log.info("worker %s: connected to %s as %s", self.name, self.url, welcome.node_id)
@@ -223,6 +241,7 @@ class Worker:
 
     def _on_message(self, msg: p.Message) -> None:
         if isinstance(msg, p.Assign):
+            self._assigned += len(msg.tasks)
             for t in msg.tasks:
                 self._start(t)
         elif isinstance(msg, p.Ack):
@@ -238,13 +257,15 @@ class Worker:
             raise RemoteProtocolError(f"unexpected {msg.T} from the dispatcher")
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
-        interval = self.config.worker.heartbeat_interval / 1000.0
         with contextlib.suppress(ConnectionClosed):
             while True:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(self._heartbeat_s)
                 free = 0 if self._stopping.is_set() else self.slots - len(self._running)
-                await ws.send(p.encode(p.Heartbeat(free=max(free, 0),
-                                                   running=tuple(self._running))))
+                # A finished attempt whose result is not yet acknowledged is still ours:
+                # the dispatcher must not take it for forgotten while the result travels.
+                await ws.send(p.encode(p.Heartbeat(
+                    free=max(free, 0), running=(*self._running, *self._unacked),
+                    assigned=self._assigned)))
 
     # --- running symbols --------------------------------------------------------------
 

@@ -442,8 +442,8 @@ def test_result_of_a_lost_attempt_counts_if_nobody_took_it_over() -> None:
     h.feed(c.NodeDisconnected("w", h.now))  # the connection dropped as the work finished
     assert h.state("a") == "ready"
     h.node("w2", caps=("php_engine",))  # present, but cannot take `a`
-    h.feed(c.NodeConnected("w-again", "w", ("internal",), 0, h.now))  # no free slot
-    h.result("w-again", t)  # the re-sent result, through the new session
+    h.feed(c.NodeConnected("w", "w", ("internal",), 0, h.now))  # back, with no free slot
+    h.result("w", t)  # the re-sent result, through the new session
     assert h.state("a") == "completed"
     assert len(h.kinds("symbol.completed")) == 1
     assert [j.attempt for j in h.journal if j.kind == "symbol.started"] == [1]
@@ -465,10 +465,10 @@ def test_an_attempt_missing_from_two_heartbeats_is_lost() -> None:
     h.node("w", slots=2)
     h.submit(wf(sym("a"), sym("b")))
     ta, tb = h.take("w")
-    h.feed(c.NodeHeartbeat("w", h.now, running=(tb.token,)))
+    h.feed(c.NodeHeartbeat("w", h.now, running=(tb.token,), assigned=2))
     assert h.state(ta.symbol) == "running"  # once may be a result in flight
     assert not h.kinds("attempt.lost")
-    h.feed(c.NodeHeartbeat("w", h.now, running=(tb.token,)))
+    h.feed(c.NodeHeartbeat("w", h.now, running=(tb.token,), assigned=2))
     assert [j.data["reason"] for j in h.journal if j.kind == "attempt.lost"] == [
         "worker forgot the attempt"]
     (again,) = h.take("w")  # the freed slot takes the requeued symbol again
@@ -512,7 +512,7 @@ def test_a_restored_run_does_not_rerun_completed_symbols() -> None:
 def test_a_restored_running_attempt_is_adopted_when_its_worker_reports() -> None:
     h = Harness(orphan_grace=5.0, first_token=100)
     restore(h, c.TaskRecord("a", "main", "completed", attempts=1, token=1),
-            c.TaskRecord("b", "main", "running", attempts=1, token=7),
+            c.TaskRecord("b", "main", "running", attempts=1, token=7, node_id="w"),
             c.TaskRecord("c", "main", "pending"))
     assert h.state("b") == "retrying"
     h.node("w", running=(7,))  # the worker outlived the dispatcher and still runs it
@@ -525,7 +525,7 @@ def test_a_restored_running_attempt_is_adopted_when_its_worker_reports() -> None
 
 def test_a_restored_attempt_whose_result_arrives_after_reconnect_counts() -> None:
     h = Harness(orphan_grace=5.0)
-    restore(h, c.TaskRecord("a", "main", "running", attempts=1, token=3),
+    restore(h, c.TaskRecord("a", "main", "running", attempts=1, token=3, node_id="w"),
             c.TaskRecord("b", "main", "pending"), c.TaskRecord("c", "main", "pending"))
     h.node("w")  # came back with the attempt finished, its result not yet acknowledged
     assert h.take("w") == []  # held for its worker, not re-run at once
@@ -703,3 +703,99 @@ def test_a_forgotten_run_is_freed_by_reference_counting_alone() -> None:
         assert gc.collect() == 0  # nothing of the run was left for the collector
     finally:
         gc.enable()
+
+
+# --- liveness judged on evidence, attempts owned by their node ----------------------------
+
+
+def test_a_heartbeat_sent_before_the_assignment_arrived_loses_nothing() -> None:
+    h = Harness()
+    h.node("w", slots=2)
+    h.submit(wf(sym("a"), sym("b")))
+    ta, tb = h.take("w")
+    # The dispatcher lags: heartbeats the worker sent before either assignment reached it
+    # arrive after both were made. They prove nothing about `a` or `b`.
+    for _ in range(5):
+        h.feed(c.NodeHeartbeat("w", h.now, running=(), assigned=0))
+    h.feed(c.NodeHeartbeat("w", h.now, running=(ta.token,), assigned=1))
+    h.feed(c.NodeHeartbeat("w", h.now, running=(ta.token,), assigned=1))
+    assert not h.kinds("attempt.lost")
+    assert h.state("a") == h.state("b") == "running"
+
+
+def test_a_heartbeat_without_an_assignment_count_judges_no_attempt() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a")))
+    h.take("w")
+    for _ in range(3):
+        h.feed(c.NodeHeartbeat("w", h.now, running=()))
+    assert h.state("a") == "running"
+
+
+def test_after_a_stall_every_node_gets_a_fresh_grace_period() -> None:
+    h = Harness(heartbeat_timeout=3.0)
+    h.node("w1")
+    h.submit(wf(sym("a")))
+    h.take("w1")
+    h.tick(0.5)
+    h.now += 6.0  # the dispatcher was stopped: nobody was heard, nobody could be
+    h.feed(c.Tick(h.now, stalled=6.0))
+    assert not any(isinstance(x, c.CloseNode) for x in h.commands)
+    assert h.kinds("dispatcher.stalled") == [None]
+    h.feed(c.NodeHeartbeat("w1", h.now))
+    h.tick(2.0)
+    assert h.state("a") == "running"
+    h.tick(2.0)  # now silent for longer than heartbeat_timeout of its own
+    assert any(isinstance(x, c.CloseNode) and x.node_id == "w1" for x in h.commands)
+
+
+def test_ticks_far_apart_count_as_a_stall_even_unannounced() -> None:
+    h = Harness(heartbeat_timeout=3.0, stall_after=3.0)
+    h.node("w1")
+    h.tick(0.5)
+    h.tick(10.0)
+    assert not any(isinstance(x, c.CloseNode) for x in h.commands)
+    assert h.s.stalls == 1
+
+
+def test_a_result_from_a_node_that_does_not_own_the_attempt_is_refused() -> None:
+    h = Harness()
+    h.node("w1")
+    h.node("w2")
+    h.submit(wf(sym("a"), sym("b", "a")))
+    (t,) = h.take("w1")
+    h.result("w2", t, output="forged")  # it knows the token, but the attempt is not its own
+    assert h.state("a") == "running"
+    assert [j.data["claim"] for j in h.journal if j.kind == "claim.refused"] == ["result"]
+    assert h.s.refused == 1
+    h.result("w1", t, output="real")
+    assert h.state("a") == "completed"
+    assert [j.data["output"] for j in h.journal if j.kind == "symbol.completed"] == ["real"]
+
+
+def test_an_orphaned_attempt_is_adopted_or_reported_only_by_its_owner() -> None:
+    h = Harness()
+    h.node("w1")
+    h.submit(wf(sym("a")))
+    (t,) = h.take("w1")
+    h.feed(c.NodeDisconnected("w1", h.now))  # lost; its result would still be welcome
+    cmds = h.node("thief", caps=("php_engine",), running=(t.token,))
+    assert any(isinstance(x, c.Abandon) and x.tokens == (t.token,) for x in cmds)
+    h.result("thief", t, output="forged")
+    assert h.state("a") == "ready"
+    assert [j.data["claim"] for j in h.journal if j.kind == "claim.refused"] == [
+        "adoption", "result"]
+    h.feed(c.NodeDisconnected("thief", h.now))
+    h.node("w1", running=(t.token,))  # the owner, back under its own identity
+    assert h.kinds("symbol.adopted") == ["a"]
+    h.result("w1", t, output="real")
+    assert [j.data["output"] for j in h.journal if j.kind == "symbol.completed"] == ["real"]
+
+
+def test_tokens_come_from_the_token_source_and_a_live_one_is_never_reused() -> None:
+    draws = iter([0, 41, 41, 42, 43])
+    h = Harness(token_source=lambda: next(draws))
+    h.node("w", slots=3)
+    h.submit(wf(sym("a"), sym("b"), sym("c")))
+    assert sorted(t.token for t in h.take("w")) == [41, 42, 43]

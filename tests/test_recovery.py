@@ -69,7 +69,7 @@ def test_a_stopped_worker_is_declared_dead_and_its_late_result_is_dropped(
         " = ?", (first,)), timeout=30, what="w1's stale result to arrive and be dropped")
     assert completions(cluster, run_id) == Counter({"slow": 1})
     outcomes = [r["outcome"] for r in cluster.query(
-        "SELECT outcome FROM attempts WHERE run_id = ? ORDER BY token", (run_id,))]
+        "SELECT outcome FROM attempts WHERE run_id = ? ORDER BY id", (run_id,))]
     assert outcomes == ["lost", "ok"]
     lost = cluster.query("SELECT data FROM events WHERE kind = 'node.lost'")
     assert any(json.loads(r["data"])["reason"] == "heartbeat timeout" for r in lost)
