@@ -361,9 +361,7 @@ class Dispatcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._rearm.wait(), wait)
                 late = self.now() - now - wait
-                if late > STALL and not self._rearm.is_set():
-                    log.warning("the dispatcher stalled for %.1f s; every node gets a fresh "
-                                "grace period", late)
+                if late > STALL:
                     stalled = max(stalled, late)
                 nd = self.core.next_deadline()
                 if (nd is None or nd > self.now()) and not stalled:
@@ -554,8 +552,13 @@ def _log_refused(j: c.Journal) -> None:
                 j.data["owner"] or "nobody")
 
 
+def _log_stall(j: c.Journal) -> None:
+    log.warning("the dispatcher stalled for %.1f s; %d nodes get a fresh grace period",
+                j.data["seconds"], j.data["nodes"])
+
+
 # Journal entries an operator should also see in the log, as they are made.
-_LOGGED = {"claim.refused": _log_refused}
+_LOGGED = {"claim.refused": _log_refused, "dispatcher.stalled": _log_stall}
 
 
 def tune_gc() -> None:

@@ -30,6 +30,11 @@ from .tls import client_context
 
 log = logging.getLogger("swarm.worker")
 
+# For this long after an accepted connection is lost, reconnection attempts stay at most
+# FAST_RECONNECT_DELAY apart: a dispatcher restart takes a second or two, and workers
+# should be back as soon as it listens (an attempt that is refused costs next to nothing).
+FAST_RECONNECT_S = 10.0
+FAST_RECONNECT_DELAY = 0.5
 RESULT_FRAME_BUDGET = 256 * 1024  # bytes of results per frame, well under max_frame_size
 STDERR_TAIL = 16 * 1024
 
@@ -163,6 +168,8 @@ class Worker:
         cfg = self.config.worker
         first = delay = cfg.reconnect_initial_delay / 1000.0
         most = cfg.reconnect_max_delay / 1000.0
+        loop = asyncio.get_running_loop()
+        lost_at = -FAST_RECONNECT_S
         while True:
             try:
                 await self._session()
@@ -185,8 +192,10 @@ class Worker:
             if self._welcomed:  # the last connection was accepted: start over, quickly
                 self._welcomed = False
                 delay = first
+                lost_at = loop.time()
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, most)
+            recent = loop.time() - lost_at < FAST_RECONNECT_S
+            delay = min(delay * 2, max(first, FAST_RECONNECT_DELAY) if recent else most)
 
     async def _session(self) -> None:
         max_size = self.config.dispatcher.max_frame_size

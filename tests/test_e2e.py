@@ -40,7 +40,7 @@ def test_hello_runs_across_two_workers_and_every_record_is_in_the_db(cluster: Cl
     assert done.index("fetch_posts") < started.index("combine")
     assert done.index("combine") < started.index("publish")
     assert {r["node"] for r in cluster.query("SELECT node FROM attempts")} == {"w1", "w2"}
-    assert cluster.query("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"] == "1"
+    assert cluster.query("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"] == "2"
     assert cluster.query("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
 
 
