@@ -270,3 +270,28 @@ def test_a_worker_with_an_invalid_name_is_refused(cluster: Cluster) -> None:
     cp = cluster.cli("start-worker", str(cluster.config_path), "bad name!", "--url",
                      cluster.url)
     assert cp.returncode == 2 and "invalid node name" in cp.stderr
+
+
+def test_an_outside_write_lock_of_three_seconds_loses_nothing(tmp_path: Path) -> None:
+    import sqlite3
+
+    cluster = _one_second_cluster(tmp_path)
+    try:
+        cluster.start_dispatcher()
+        cluster.start_worker("w1", slots=4)
+        cluster.start_worker("w2", slots=4)
+        run_id = cluster.detach(_delays(tmp_path, "locked", 40, 300))
+        wait_for(lambda: cluster.query("SELECT 1 FROM tasks WHERE state = 'completed'"),
+                 what="the run to be under way")
+        con = sqlite3.connect(cluster.db, timeout=10, isolation_level=None)
+        try:
+            con.execute("BEGIN EXCLUSIVE")  # another program holds the DB
+            time.sleep(3.0)  # the stall under test
+            con.execute("COMMIT")
+        finally:
+            con.close()
+        wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=60,
+                 what="the run to complete")
+        _no_losses(cluster)
+    finally:
+        cluster.close()
