@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, name TEXT NOT NULL, capabilities TEXT NOT NULL,
     slots INTEGER NOT NULL, labels TEXT NOT NULL, status TEXT NOT NULL,
-    joined_at REAL NOT NULL, left_at REAL, reason TEXT);
+    joined_at REAL NOT NULL, left_at REAL, reason TEXT, seen_at REAL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, workflow TEXT NOT NULL, version TEXT NOT NULL,
     manifest_hash TEXT NOT NULL, manifest TEXT NOT NULL, on_failure TEXT NOT NULL,
@@ -199,10 +199,16 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.update("runs", e.run_id, status=status,
                  finished_at=e.ts if status in FINAL_RUN_STATES else None)
     elif k == "node.joined":
-        b.insert("INSERT OR REPLACE INTO nodes (node_id, name, capabilities, slots, labels,"
+        # A node keeps its id across reconnections: its row keeps its first joined_at, and
+        # what changed is an update, merged in journal order with its leavings (a node may
+        # leave and come back within one group commit).
+        b.insert("INSERT OR IGNORE INTO nodes (node_id, name, capabilities, slots, labels,"
                  " status, joined_at) VALUES (?, ?, ?, ?, ?, 'connected', ?)",
                  (d["node_id"], e.node, _json(d["capabilities"]), d["slots"],
                   _json(d["labels"]), e.ts))
+        b.update("nodes", d["node_id"], name=e.node, capabilities=_json(d["capabilities"]),
+                 slots=d["slots"], labels=_json(d["labels"]), status="connected",
+                 left_at=None, reason=None, seen_at=e.ts)
     elif k in ("node.lost", "node.left"):
         b.update("nodes", d["node_id"], status=k[5:], left_at=e.ts, reason=d["reason"])
     # The attempts row holds an attempt's output.
@@ -328,6 +334,9 @@ def _upgrade_to_2(con: sqlite3.Connection) -> None:
         con.execute("ALTER TABLE attempts RENAME TO attempts_v1")
         con.execute("DROP INDEX IF EXISTS attempts_by_task")
         con.execute("DROP INDEX IF EXISTS attempts_by_run")
+    if "nodes" in tables and "seen_at" not in {
+            r[1] for r in con.execute("PRAGMA table_info(nodes)")}:
+        con.execute("ALTER TABLE nodes ADD COLUMN seen_at REAL")  # its latest join
     if "tasks" in tables and "node_id" not in {
             r[1] for r in con.execute("PRAGMA table_info(tasks)")}:
         con.execute("ALTER TABLE tasks ADD COLUMN node_id TEXT")

@@ -193,9 +193,9 @@ def test_workers_are_back_within_a_second_after_each_of_six_restarts(
             ready = (tmp_path / "dispatcher.url").stat().st_mtime  # written once listening
 
             def both_back(since: float = ready) -> list[float] | None:
-                rows = cluster.query("SELECT joined_at FROM nodes WHERE status = 'connected'"
-                                     " AND joined_at >= ?", (since,))
-                return [r["joined_at"] for r in rows] if len(rows) >= 2 else None
+                rows = cluster.query("SELECT seen_at FROM nodes WHERE status = 'connected'"
+                                     " AND seen_at >= ?", (since,))
+                return [r["seen_at"] for r in rows] if len(rows) >= 2 else None
 
             joined = wait_for(both_back, timeout=30, what="both workers back")
             back.append(max(joined) - ready)

@@ -47,3 +47,60 @@ async def test_a_batch_is_stored_whole_on_either_path(tmp_path: Path, size: int)
         assert rows(tmp_path / "s.db", "SELECT COUNT(*) FROM nodes") == [(size + 1,)]
     finally:
         await store.close()
+
+
+V1_SCHEMA = '''
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY, name TEXT NOT NULL, capabilities TEXT NOT NULL,
+    slots INTEGER NOT NULL, labels TEXT NOT NULL, status TEXT NOT NULL,
+    joined_at REAL NOT NULL, left_at REAL, reason TEXT);
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, symbol TEXT NOT NULL, kind TEXT NOT NULL,
+    parent TEXT, dispatch TEXT NOT NULL, position INTEGER NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, losses INTEGER NOT NULL DEFAULT 0, node TEXT,
+    token INTEGER, due_at REAL, started_at REAL, finished_at REAL, result TEXT, error TEXT,
+    deps TEXT);
+CREATE TABLE attempts (
+    token INTEGER PRIMARY KEY, task_id TEXT NOT NULL, run_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL, node TEXT, started_at REAL NOT NULL, finished_at REAL,
+    outcome TEXT NOT NULL, exit_code INTEGER, duration_ms REAL, result TEXT, error TEXT,
+    stderr TEXT, truncated INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX attempts_by_task ON attempts (task_id);
+INSERT INTO attempts (token, task_id, run_id, attempt, node, started_at, finished_at, outcome)
+    VALUES (2, 'r/a', 'r', 1, 'w', 10.0, 11.0, 'ok'), (1, 'r/b', 'r', 1, 'w', 9.0, NULL,
+    'running');
+'''
+
+
+async def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as con:
+        con.executescript(V1_SCHEMA)
+    store = await Store.open(db)
+    try:
+        await store.write([Journal("symbol.started", 20.0, "r", "r/c", "c", "w", 1, data={
+            "token": -(1 << 62), "node_id": "w#1"})])
+    finally:
+        await store.close()
+    assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+    # Kept in the order they started, the random token stored as it is; the attempt the
+    # crash cut off is closed as lost at the last sign of life (none: its own start).
+    assert rows(db, "SELECT token, outcome, finished_at FROM attempts ORDER BY id") == [
+        (1, "lost", 9.0), (2, "ok", 11.0), (-(1 << 62), "running", None)]
+    assert "node_id" in {r[1] for r in rows(db, "PRAGMA table_info(tasks)")}
+    assert "seen_at" in {r[1] for r in rows(db, "PRAGMA table_info(nodes)")}
+
+
+async def test_a_node_that_leaves_and_rejoins_in_one_commit_is_connected(
+        tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    try:
+        await store.write([node_joined(1)])
+        await store.write([Journal("node.left", 5.0, node="w1", data={
+            "node_id": "w1#1", "reason": "replaced", "running": 0}), node_joined(1)])
+    finally:
+        await store.close()
+    assert rows(tmp_path / "s.db", "SELECT status, joined_at, left_at FROM nodes") == [
+        ("connected", 2.0, None)]
