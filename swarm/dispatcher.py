@@ -49,7 +49,7 @@ def scheduler_config(cfg: Config, first_token: int) -> c.SchedulerConfig:
         load_balancing=co.enable_load_balancing,
         priority_queue=co.priority_queue_enabled,
         retry=cfg.retry,
-        retry_limit=co.task_retry_limit,
+        default_retries=co.task_retry_limit,
         first_token=first_token,
         # A worker that outlived the last dispatcher reconnects within its backoff; its
         # running attempts wait this long for it before they run again elsewhere.
