@@ -20,16 +20,20 @@ from dataclasses import dataclass
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response
 
 from . import __version__
 from . import core as c
 from . import protocol as p
+from .access import Network, peer_allowed, resolve_allowed
 from .config import Config
 from .errors import ConfigError, RemoteProtocolError, StateError, SwarmError
 from .manifest import workflow_from_dict
 from .metrics import Histogram
-from .ops import Operations
+from .ops import Operations, _response
 from .plan import gc_paused
+from .results import FINAL_RUN_EVENTS
 from .state import Store
 from .tls import check_listen, server_context
 
@@ -152,12 +156,14 @@ class Dispatcher:
         self._started = time.time()
         self.failed: BaseException | None = None
         self.stopped = asyncio.Event()
+        self._allowed: tuple[Network, ...] = ()  # [security] allowed_hosts, resolved
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         check_listen(self.host, self.config, self.insecure)
         ssl_context = server_context(self.config)
+        self._allowed = await resolve_allowed(self.config.security.allowed_hosts)
         self.store = await Store.open(self.db_path, self.config.dispatcher.synchronous)
         first = await self.store.max_token() + 1
         self.core = c.Scheduler(scheduler_config(self.config, first))
@@ -170,7 +176,7 @@ class Dispatcher:
                 max_size=self.config.dispatcher.max_frame_size,
                 ping_interval=None,  # liveness is our own heartbeat, judged by the core
                 server_header=f"swarm/{__version__}",
-                process_request=self.ops.http,
+                process_request=self._process_request,
                 ssl=ssl_context,
             )
         except OSError as e:
@@ -227,8 +233,19 @@ class Dispatcher:
         wf = workflow_from_dict(row["manifest"], source=f"<run {run_id}>")
         self._feed(c.RunRestored(run_id, wf, row["status"], row["created_at"], tuple(records),
                                  time.time()))
-        log.info("run %s (%s): %s, restored from the state DB", run_id, wf.name, row["status"])
+        log.info("run %s (%s): %s, restored from the state DB", run_id, wf.name, row["status"],
+                 extra={"run_id": run_id})
         return True
+
+    async def _process_request(self, conn: ServerConnection, request: HttpRequest
+                               ) -> Response | None:
+        address = str((conn.remote_address or ("",))[0])
+        if not peer_allowed(address, self._allowed):
+            log.warning("refused a connection from %s: not in [security] allowed_hosts",
+                        address)
+            return _response(403, "host not allowed by [security] allowed_hosts\n",
+                             "text/plain")
+        return await self.ops.http(conn, request)
 
     # --- the core loop ----------------------------------------------------------------
 
@@ -298,6 +315,9 @@ class Dispatcher:
                 if isinstance(msg, p.Assign):
                     self.dispatch_latency.observe(now - fed_at)
                 peer.send(msg)
+            for r in records:
+                if r.kind in FINAL_RUN_EVENTS:
+                    _log_outcome(r)
             if records:
                 # The frames above go out first (their writers run now): workers wait for
                 # work, watchers only watch.
@@ -472,6 +492,15 @@ class Dispatcher:
         finally:
             self._clients.discard(peer)
             await peer.close()
+
+
+def _log_outcome(r: c.Journal) -> None:
+    """Every run's end, at info: status, symbol counts, duration."""
+    counts = r.data.get("counts") or {}
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no symbols"
+    log.info("run %s %s: %d symbols (%s) in %.3f s", r.run_id, r.data.get("status", r.kind[4:]),
+             sum(counts.values()), parts, float(r.data.get("duration") or 0.0),
+             extra={"run_id": r.run_id})
 
 
 def tune_gc() -> None:

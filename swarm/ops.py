@@ -80,7 +80,8 @@ class Operations:
             wf.name, {s.name: s.dispatch for s in wf.symbols})
         self.d._feed(c.RunSubmitted(run_id, wf, time.time(), reuse, resumed_from, durations))
         log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
-                 f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "")
+                 f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "",
+                 extra={"run_id": run_id})
         self._reply_after_commit(peer, req, {"run_id": run_id, "attached": False,
                                              "reused": len(reuse)})
         return None
@@ -204,5 +205,5 @@ def _response(status: int, body: str, content_type: str) -> Response:
     data = body.encode()
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
                        ("Connection", "close")])
-    reason = {200: "OK"}.get(status, "")
+    reason = {200: "OK", 403: "Forbidden"}.get(status, "")
     return Response(status, reason, headers, data)
