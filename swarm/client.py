@@ -329,6 +329,10 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.run_id!r})"
 
+    @property
+    def id(self) -> str:
+        return self.run_id
+
     async def wait(self) -> RunResult:
         return await self.client.wait(self.run_id)
 

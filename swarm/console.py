@@ -125,6 +125,11 @@ def print_run(out: Console, run: dict[str, Any]) -> None:
 
 def print_status(out: Console, s: dict[str, Any]) -> None:
     out.print(f"dispatcher {s['version']}, up {_fmt_duration(s['uptime'])}, state {s['db_path']}")
+    m = s["summary"]
+    out.print(f"active nodes: {m['nodes']} ({m['idle']} idle, {m['busy']} busy)")
+    out.print(f"tasks: {m['queued']} queued, {m['running']} running, {m['completed']} "
+              f"completed, {m['failed']} failed (completed and failed: all runs in the state DB)")
+    out.print(f"active workflows: {m['active_workflows']}")
     nodes = Table(box=_box(out), title="nodes")
     for col in ("name", "state", "capabilities", "running/slots", "labels"):
         nodes.add_column(col)
@@ -135,8 +140,8 @@ def print_status(out: Console, s: dict[str, Any]) -> None:
                       f"{n['running']}/{n['slots']}", labels)
     out.print(nodes if s["nodes"] else "no nodes connected")
     tc = s["tasks"]
-    out.print("tasks: " + ", ".join(f"{k} {tc.get(k, 0)}" for k in (
-        "ready", "running", "retrying", "completed", "failed", "skipped")))
+    out.print("tasks of active runs: " + ", ".join(f"{k} {tc.get(k, 0)}" for k in (
+        "pending", "ready", "running", "retrying", "completed", "failed", "skipped")))
     if s["runs"]:
         runs = Table(box=_box(out), title="active runs")
         for col in ("run", "workflow", "state", "done/total", "running"):

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import itertools
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -33,9 +34,9 @@ from .manifest import workflow_from_dict
 from .metrics import Histogram
 from .ops import Operations, _response
 from .plan import gc_paused
-from .results import FINAL_RUN_EVENTS
+from .results import FINAL_RUN_EVENTS, RunResult
 from .state import Store
-from .tls import check_listen, server_context
+from .tls import check_listen, client_context, server_context
 
 log = logging.getLogger("swarm.dispatcher")
 
@@ -215,6 +216,20 @@ class Dispatcher:
             await self.store.close()
         self.stopped.set()
         log.info("dispatcher stopped")
+
+    async def dispatch_from_file(self, path: str | os.PathLike[str]) -> RunResult:
+        """Deploy a manifest file to this dispatcher's own workers and wait for the run to
+        end (the original's `dispatchFromFile`): its `RunResult`, which carries
+        `completed_tasks` and `total_tasks` too. ManifestError for a bad manifest."""
+        from .client import Client
+
+        if self.core is None:
+            raise SwarmError("the dispatcher is not started: use `async with Dispatcher(...)`")
+        async with Client(self.url, token=self.config.security.token,
+                          name="dispatch_from_file", ssl=client_context(self.config, self.url)
+                          ) as c:
+            run = await c.deploy(path)
+            return await run.wait()
 
     async def __aenter__(self) -> Dispatcher:
         await self.start()

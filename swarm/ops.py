@@ -119,6 +119,7 @@ class Operations:
         elif req.op == "status":
             data: dict[str, Any] = self.d.core.snapshot()
             data["db"] = await self.d.store.counts()
+            data["summary"] = summary(data, await self.d.store.symbol_totals())
             data["db_path"] = self.d.db_path
             data["version"] = __version__
             data["uptime"] = time.time() - self.d._started
@@ -199,6 +200,22 @@ class Operations:
                                   time.time() - self.d._started, __version__)
             return _response(200, text, "text/plain; version=0.0.4; charset=utf-8")
         return None
+
+
+def summary(status: dict[str, Any], totals: dict[str, int]) -> dict[str, int]:
+    """The figures of the original's status: nodes idle and busy, tasks queued and running
+    now, tasks completed and failed over every run in the state DB (so they do not drop
+    to 0 when a run ends), active workflows."""
+    nodes = status["nodes"]
+    busy = sum(1 for n in nodes if n["running"])
+    live = status["tasks"]
+    return {
+        "nodes": len(nodes), "idle": len(nodes) - busy, "busy": busy,
+        "queued": sum(live.get(s, 0) for s in ("pending", "ready", "retrying")),
+        "running": live.get("running", 0),
+        "completed": totals.get("completed", 0), "failed": totals.get("failed", 0),
+        "active_workflows": len(status["runs"]),
+    }
 
 
 def _response(status: int, body: str, content_type: str) -> Response:
