@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -175,18 +176,18 @@ async def test_an_eleventh_host_is_welcome_by_default(tmp_path: Path) -> None:
 async def test_the_originals_programmatic_shape(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, HELLO)
     cfg = Config()
-    async with swarm.Dispatcher(cfg, port=0, db_path=str(tmp_path / "s.db")) as d:
-        async with swarm.Worker(cfg, name="w", url=d.url):
-            result = await d.dispatch_from_file(manifest)
-            assert result.ok and result.completed_tasks == result.total_tasks == 2
-            assert result.symbols["greet"].output == {"message": "hello"}
-            assert "done" in result.symbols and result.symbols[0].symbol == "greet"
-            assert result.duration is not None and result.duration > 0
-            assert result.id == result.run_id
-            async with swarm.Client(d.url) as c:
-                run = await c.deploy(manifest, new=True)
-                again = await run.wait()
-                assert again.id == run.id != result.id and again.ok
+    async with swarm.Dispatcher(cfg, port=0, db_path=str(tmp_path / "s.db")) as d, \
+            swarm.Worker(cfg, name="w", url=d.url):
+        result = await d.dispatch_from_file(manifest)
+        assert result.ok and result.completed_tasks == result.total_tasks == 2
+        assert result.symbols["greet"].output == {"message": "hello"}
+        assert "done" in result.symbols and result.symbols[0].symbol == "greet"
+        assert result.duration is not None and result.duration > 0
+        assert result.id == result.run_id
+        async with swarm.Client(d.url) as c:
+            run = await c.deploy(manifest, new=True)
+            again = await run.wait()
+            assert again.id == run.id != result.id and again.ok
 
 
 # --- the original's CLI forms ------------------------------------------------------------
@@ -209,8 +210,6 @@ def test_swarm_config_without_argument_writes_the_local_file(tmp_path: Path) -> 
 
 
 def dataclass_path(folder: Path) -> Config:
-    import dataclasses
-
     p = folder / "swarm-config.toml"
     return dataclasses.replace(Config(), path=str(p), base_dir=str(folder.resolve()))
 
