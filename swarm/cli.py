@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, commands
-from .config import Config, default_config_text, load_config
+from .config import DEFAULT_CONFIG_NAME, Config, default_config_text, load_config
 from .errors import ConfigError, SwarmError
 from .model import Workflow
 
@@ -31,11 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="swarm", description=(
         "Dispatch workflows of symbols to worker nodes over WebSockets."))
     ap.add_argument("--version", action="version", version=f"swarm {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        sp.add_argument("--log-level", choices=["debug", "verbose", "info", "warning", "warn",
+                                                "error"],
+                        help="log level of this command (default [logging] level)")
         return sp
 
     sp = cmd("start-dispatcher", "run a dispatcher until SIGINT/SIGTERM")
@@ -115,8 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--count", type=int, help="stop after this many refreshes")
 
     sp = cmd("config", "write the fully commented default config")
-    sp.add_argument("output", nargs="?", help="file to write (default: standard output)")
+    sp.add_argument("output", nargs="?", default=DEFAULT_CONFIG_NAME,
+                    help=f"file to write (default ./{DEFAULT_CONFIG_NAME}; - for standard "
+                         "output)")
     sp.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    sp = cmd("help", "show the help of swarm or of one command")
+    sp.add_argument("topic", nargs="?", metavar="COMMAND", help="the command to explain")
 
     sp = cmd("plan", "show the levels, critical path and backends of a manifest; runs nothing")
     sp.add_argument("manifest")
@@ -144,11 +151,31 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="config file for the dispatcher and workers")
     sp.add_argument("--db", help="keep the state database here (default: a temporary one)")
     sp.add_argument("--json", action="store_true")
+    for sp in sub.choices.values():
+        for action in sp._actions:
+            if not action.help:  # the arguments most commands share say the same
+                action.help = _COMMON_HELP[action.dest]
     return ap
 
 
+_COMMON_HELP = {
+    "config": "config file (default ./swarm-config.toml if present, else built-in defaults)",
+    "url": "dispatcher URL (default SWARM_URL, else [dispatcher] coordinator_endpoint)",
+    "json": "print JSON for scripts instead of tables",
+    "run_id": "the run's id, as deploy and runs print it",
+    "manifest": "the workflow manifest (YAML or TOML)",
+    "detach": "print the run id and return instead of following the run",
+    "limit": "list at most this many runs, newest first (default 20)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `swarm`, as the original: the help
+        return _help(parser, None)
+    if args.command == "help":
+        return _help(parser, args.topic)
     handler: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
     try:
         return handler(args)
@@ -157,6 +184,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_left()
+
+
+def _help(parser: argparse.ArgumentParser, topic: str | None) -> int:
+    try:
+        if topic is None:
+            parser.print_help()
+            return EXIT_OK
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if topic not in sub.choices:
+            print(f"swarm: no command {topic!r}; `swarm help` lists them", file=sys.stderr)
+            return EXIT_INPUT
+        sub.choices[topic].print_help()
+        return EXIT_OK
+    except BrokenPipeError:
+        return _reader_left()
+
+
+def _reader_left() -> int:
+    """Output piped into `head` that closed early: what was asked for was done, quietly.
+    Standard output goes to /dev/null so that the flush at exit does not fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 def _config(path: str | None) -> Config:
@@ -164,10 +219,13 @@ def _config(path: str | None) -> Config:
 
 
 def _logging(args: argparse.Namespace, cfg: Config, default: str | None = None) -> None:
-    from .console import setup_logging
+    from .config_reader import LOG_LEVELS
+    from .logs import setup_logging
 
-    setup_logging(args.log_level or default or cfg.logging.level,
-                  cfg.resolve(cfg.logging.file) if cfg.logging.file else "")
+    level = args.log_level or default or cfg.logging.level
+    setup_logging(LOG_LEVELS.get(level, level),
+                  cfg.resolve(cfg.logging.file) if cfg.logging.file else "",
+                  console=cfg.logging.console, fmt=cfg.logging.format)
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -209,7 +267,7 @@ def cmd_start_worker(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     text = default_config_text()
-    if not args.output or args.output == "-":
+    if args.output == "-":
         sys.stdout.write(text)
         return EXIT_OK
     out = Path(args.output)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from . import protocol as p
 from .errors import (
@@ -83,6 +83,12 @@ class Client:
             ws = await connect(self.url, compression=None, max_size=self.max_size,
                                ping_interval=None, open_timeout=self.open_timeout,
                                close_timeout=2, ssl=self.ssl)
+        except InvalidStatus as e:
+            if e.response.status_code == 403:  # [security] allowed_hosts of the dispatcher
+                raise AuthenticationFailed(
+                    f"the dispatcher at {self.url} refused us: "
+                    f"{e.response.body.decode(errors='replace').strip()}") from None
+            raise DispatcherUnreachable(f"{unreachable}: {e}") from None
         except (OSError, InvalidHandshake, TimeoutError) as e:
             raise DispatcherUnreachable(f"{unreachable}: {e or type(e).__name__}") from None
         except (InvalidURI, ValueError) as e:
@@ -322,6 +328,10 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.run_id!r})"
+
+    @property
+    def id(self) -> str:
+        return self.run_id
 
     async def wait(self) -> RunResult:
         return await self.client.wait(self.run_id)

@@ -1,29 +1,34 @@
 """TOML config -> frozen dataclasses. Defaults live here and nowhere else.
 
 Keys keep the names and meaning of the original WP Praxis `swarm-config.toml`
-(durations in milliseconds). Unknown keys are an error that names the key.
-`SWARM_TOKEN` and `SWARM_URL` in the environment override the file.
+(durations in milliseconds); the original's own names for some of them are read too
+(config_reader.py). Every unknown key, wrong type and bad value is reported at once,
+each with file, line and `section.key`. `SWARM_TOKEN` and `SWARM_URL` in the
+environment override the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import logging
 import os
 import socket
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
 
 import tomli
 
+from .config_reader import LOG_LEVELS, Reader
 from .errors import ConfigError
-from .model import DISPATCHES, RetryPolicy
+from .model import RetryPolicy
+
+log = logging.getLogger("swarm.config")
 
 DEFAULT_PORT = 8080
 DEFAULT_CONFIG_NAME = "swarm-config.toml"
+# A worker sends results in frames of up to half this (RESULT_FRAME_BUDGET in worker.py).
+MIN_FRAME_SIZE = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +46,10 @@ class DispatcherConfig:
 
 @dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
-    max_workers: int = 10
+    max_workers: int = 100  # worker nodes connected at once, as in the original
     heartbeat_interval: int = 5000
     heartbeat_timeout: int = 15_000
-    task_retry_limit: int = 3
+    task_retry_limit: int = 3  # retries of a symbol whose manifest sets no `retries`
     enable_load_balancing: bool = True
     priority_queue_enabled: bool = True
     max_worker_losses: int = 3  # a task lost with its worker this often fails ("worker lost")
@@ -110,6 +115,8 @@ class BackendsConfig:
 class LoggingConfig:
     level: str = "info"
     file: str = ""
+    console: bool = True  # log to stderr too
+    format: str = "text"  # text | json (one object a line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +128,7 @@ class SecurityConfig:
     tls_client_cert: str = ""
     tls_client_key: str = ""
     tls_require_client_cert: bool = False
+    allowed_hosts: tuple[str, ...] = ()  # peers the dispatcher accepts; empty: any
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     path: str = ""  # the file it came from, "" for built-in defaults
     base_dir: str = "."  # relative paths in the file are relative to this
+    warnings: tuple[str, ...] = ()  # keys accepted but not used, each with why
 
     def resolve(self, p: str) -> str:
         """A path from the config, made absolute against the config file's folder."""
@@ -152,75 +161,49 @@ class Config:
         return os.environ.get("SWARM_URL") or self.worker.dispatcher_url
 
 
-T = TypeVar("T")
-
-# Sections whose keys are free-form maps of one value type.
-_FREE_MAPS = {"capabilities": bool, "labels": str}
-
-
-def _build(cls: type[T], data: Any, where: str) -> T:
-    if not isinstance(data, dict):
-        raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        f = known.get(key)
-        if f is None or key in ("path", "base_dir"):
-            hint = difflib.get_close_matches(key, list(known), n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"unknown key '{key}' in [{where}]{extra}")
-        kwargs[key] = _convert(f, value, f"{where}.{key}" if where else key)
-    return cls(**kwargs)
-
-
-def _convert(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if dataclasses.is_dataclass(default):
-        return _build(type(default), value, where)
-    name = where.rsplit(".", 1)[-1]
-    if name in _FREE_MAPS:
-        vtype = _FREE_MAPS[name]
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, vtype) for k, v in value.items()
-        ):
-            raise ConfigError(f"'{where}' must be a table of {vtype.__name__} values")
-        return {**typing.cast(dict[str, Any], default), **value}  # unnamed keys keep defaults
-    expected = type(default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not expected:
-        raise ConfigError(
-            f"'{where}' must be {expected.__name__}, got {type(value).__name__} {value!r}"
-        )
-    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-        raise ConfigError(f"'{where}' must not be negative, got {value}")
-    return value
-
-
-def _validate(cfg: Config) -> None:
-    if not 0 <= cfg.dispatcher.websocket_port <= 65535:
-        raise ConfigError(
-            f"'dispatcher.websocket_port' out of range: {cfg.dispatcher.websocket_port}")
-    if cfg.dispatcher.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
-        raise ConfigError("'dispatcher.synchronous' must be FULL, NORMAL or EXTRA")
-    unknown = sorted(set(cfg.worker.capabilities) - set(DISPATCHES))
-    if unknown:
-        raise ConfigError(f"unknown backend '{unknown[0]}' in [worker.capabilities]; "
-                          f"known: {', '.join(DISPATCHES)}")
-    if cfg.worker.max_concurrent_tasks < 1:
-        raise ConfigError("'worker.max_concurrent_tasks' must be at least 1")
+def _validate(cfg: Config, r: Reader) -> None:
+    d, co, w = cfg.dispatcher, cfg.coordinator, cfg.worker
+    if not 0 <= d.websocket_port <= 65535:
+        r.problem("dispatcher.websocket_port", f"out of range 0-65535: {d.websocket_port}")
+    if not d.enable_websocket:
+        r.problem("dispatcher.enable_websocket",
+                  "false is not supported: the WebSocket endpoint is how workers and clients "
+                  "reach the dispatcher (remove the key or set it true)")
+    if d.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+        r.problem("dispatcher.synchronous", f"must be FULL, NORMAL or EXTRA, got {d.synchronous!r}")
+    if d.max_frame_size < MIN_FRAME_SIZE:
+        key = ("security.max_message_size" if r.line("security.max_message_size")
+               else "dispatcher.max_frame_size")
+        r.problem(key, f"must be at least {MIN_FRAME_SIZE} bytes (a worker sends results in "
+                       f"frames of up to {MIN_FRAME_SIZE // 2}), got {d.max_frame_size}")
+    if co.max_workers < 1:
+        r.problem("coordinator.max_workers", "must be at least 1")
+    if w.max_concurrent_tasks < 1:
+        r.problem("worker.max_concurrent_tasks", "must be at least 1")
     for key in ("heartbeat_interval", "heartbeat_timeout"):
-        if getattr(cfg.coordinator, key) <= 0:
-            raise ConfigError(f"'coordinator.{key}' must be positive")
-    if cfg.worker.heartbeat_interval <= 0:
-        raise ConfigError("'worker.heartbeat_interval' must be positive")
-    if not cfg.retry.backoff_factor >= 1 or not 0 <= cfg.retry.jitter <= 1:  # NaN fails both
-        raise ConfigError("'retry.backoff_factor' must be >= 1 and 'retry.jitter' within [0, 1]")
-    if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError("'logging.level' must be debug, info, warning or error")
+        if getattr(co, key) <= 0:
+            r.problem(f"coordinator.{key}", "must be positive")
+    if w.heartbeat_interval <= 0:
+        r.problem("worker.heartbeat_interval", "must be positive")
+    if not cfg.retry.backoff_factor >= 1:  # NaN fails too
+        r.problem("retry.backoff_factor", f"must be >= 1, got {cfg.retry.backoff_factor}")
+    if not 0 <= cfg.retry.jitter <= 1:
+        r.problem("retry.jitter", f"must be within [0, 1], got {cfg.retry.jitter}")
+    if cfg.logging.level.lower() not in LOG_LEVELS:
+        r.problem("logging.level", f"must be one of {', '.join(LOG_LEVELS)}, got "
+                                   f"{cfg.logging.level!r}")
+    if cfg.logging.format not in ("text", "json"):
+        r.problem("logging.format", f"must be text or json, got {cfg.logging.format!r}")
+    for i, host in enumerate(cfg.security.allowed_hosts):
+        if not host.strip():
+            r.problem("security.allowed_hosts", f"entry {i + 1} is empty")
+    if r.auth_without_key and not cfg.security.token:
+        r.problem("security.enable_auth", "is true, but no key is set: set [security] api_key "
+                                          "(or token, or SWARM_TOKEN)")
 
 
 def parse_config(text: str, path: str = "", base_dir: str = ".") -> Config:
+    """A config from TOML text; ConfigError lists every problem of it at once."""
     where = path or "<config>"
     try:
         data = tomli.loads(text)
@@ -228,15 +211,19 @@ def parse_config(text: str, path: str = "", base_dir: str = ".") -> Config:
         raise ConfigError(f"{where}: {e}") from None
     except (RecursionError, ValueError) as e:  # nesting or a number past the parser's limits
         raise ConfigError(f"{where}: cannot read the config: {type(e).__name__}") from None
-    try:
-        cfg = _build(Config, data, "")
-        cfg = dataclasses.replace(cfg, path=path, base_dir=base_dir)
-        token = os.environ.get("SWARM_TOKEN")
-        if token:
-            cfg = dataclasses.replace(cfg, security=dataclasses.replace(cfg.security, token=token))
-        _validate(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    r = Reader(text)
+    cfg = r.build(Config, r.translate(data), "")
+    cfg = dataclasses.replace(cfg, path=path, base_dir=base_dir, warnings=tuple(
+        f"{w.render(where)}" for w in r.warnings))
+    token = os.environ.get("SWARM_TOKEN")
+    if token:
+        cfg = dataclasses.replace(cfg, security=dataclasses.replace(cfg.security, token=token))
+    _validate(cfg, r)
+    if r.problems:
+        n = len(r.problems)
+        raise ConfigError(f"{where}: {n} problem{'s' if n != 1 else ''} in the config:\n"
+                          + "\n".join(f"  {pr.render(where)}" for pr in sorted(
+                              r.problems, key=lambda pr: pr.line or 0)))
     return cfg
 
 
@@ -253,7 +240,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{p}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: cannot read config: {e}") from None
-    return parse_config(text, str(p), str(p.resolve().parent))
+    cfg = parse_config(text, str(p), str(p.resolve().parent))
+    for warning in cfg.warnings:
+        log.warning("config warning: %s", warning)
+    return cfg
 
 
 def default_config_text() -> str:

@@ -6,8 +6,6 @@ logic about the workflow lives here. Scripts use `--json` instead.
 
 from __future__ import annotations
 
-import logging
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -37,10 +35,17 @@ STATE_STYLE = {
 MAX_ROWS = 200
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 here; the CLI decides instead (output piped into `head` is no failure).
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
-    out = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    out = _Console(stderr=stderr, highlight=False, soft_wrap=False)
     if not out.is_terminal:  # logs and pipes: wide rows rather than wrapped cells
-        out = Console(stderr=stderr, highlight=False, soft_wrap=False, width=160)
+        out = _Console(stderr=stderr, highlight=False, soft_wrap=False, width=160)
     return out
 
 
@@ -120,6 +125,11 @@ def print_run(out: Console, run: dict[str, Any]) -> None:
 
 def print_status(out: Console, s: dict[str, Any]) -> None:
     out.print(f"dispatcher {s['version']}, up {_fmt_duration(s['uptime'])}, state {s['db_path']}")
+    m = s["summary"]
+    out.print(f"active nodes: {m['nodes']} ({m['idle']} idle, {m['busy']} busy)")
+    out.print(f"tasks: {m['queued']} queued, {m['running']} running, {m['completed']} "
+              f"completed, {m['failed']} failed (completed and failed: all runs in the state DB)")
+    out.print(f"active workflows: {m['active_workflows']}")
     nodes = Table(box=_box(out), title="nodes")
     for col in ("name", "state", "capabilities", "running/slots", "labels"):
         nodes.add_column(col)
@@ -130,8 +140,8 @@ def print_status(out: Console, s: dict[str, Any]) -> None:
                       f"{n['running']}/{n['slots']}", labels)
     out.print(nodes if s["nodes"] else "no nodes connected")
     tc = s["tasks"]
-    out.print("tasks: " + ", ".join(f"{k} {tc.get(k, 0)}" for k in (
-        "ready", "running", "retrying", "completed", "failed", "skipped")))
+    out.print("tasks of active runs: " + ", ".join(f"{k} {tc.get(k, 0)}" for k in (
+        "pending", "ready", "running", "retrying", "completed", "failed", "skipped")))
     if s["runs"]:
         runs = Table(box=_box(out), title="active runs")
         for col in ("run", "workflow", "state", "done/total", "running"):
@@ -233,22 +243,6 @@ def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | 
         who = f"{ev.symbol} on {ev.node}"
     run = f"{ev.run_id} " if with_run and ev.run_id else ""
     return " ".join(x for x in (f"{stamp} {run}{ev.kind:<18}", who, detail) if x).rstrip()
-
-
-def setup_logging(level: str = "info", file: str = "") -> None:
-    lvl = getattr(logging, level.upper(), logging.INFO)
-    handlers: list[logging.Handler] = []
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                                          "%H:%M:%S"))
-    handlers.append(stream)
-    if file:
-        fh = logging.FileHandler(file)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handlers.append(fh)
-    logging.basicConfig(level=lvl, handlers=handlers, force=True)
-    for noisy in ("websockets", "aiosqlite"):
-        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
 
 
 # --- following a run live ---------------------------------------------------------------

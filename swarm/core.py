@@ -43,7 +43,7 @@ from .events import (  # the core's vocabulary, re-exported
     TaskRecord,
     Tick,
 )
-from .model import RetryPolicy, Symbol, Workflow
+from .model import DEFAULT_RETRIES, RetryPolicy, Symbol, Workflow
 from .placement import Placement
 from .protocol import TaskAssignment, TaskResult
 from .tasks import (
@@ -66,7 +66,7 @@ class SchedulerConfig:
     load_balancing: bool = True
     priority_queue: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    retry_limit: int | None = None  # cap on any symbol's retries
+    default_retries: int = DEFAULT_RETRIES  # of a symbol that sets no `retries` of its own
     first_token: int = 1  # without a token source: tokens count up from here (tests)
     # Where attempt tokens come from. The dispatcher draws them at random (64 bits), so a
     # token cannot be guessed; the core stays deterministic without one.
@@ -661,9 +661,7 @@ class Scheduler:
     def _may_retry(self, task: Task, r: TaskResult, due: float) -> bool:
         if not r.retryable or (task.run.halted and task.kind == "main"):
             return False
-        retries = task.retries
-        if self.config.retry_limit is not None:
-            retries = min(retries, self.config.retry_limit)
+        retries = task.retries if task.retries is not None else self.config.default_retries
         if task.attempts > retries:
             return False
         deadline = getattr(task.spec, "deadline", None)

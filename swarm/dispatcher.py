@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import itertools
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -22,18 +23,22 @@ from dataclasses import dataclass
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response
 
 from . import __version__
 from . import core as c
 from . import protocol as p
+from .access import Network, peer_allowed, resolve_allowed
 from .config import Config
 from .errors import ConfigError, RemoteProtocolError, StateError, SwarmError
 from .manifest import workflow_from_dict
 from .metrics import Histogram
-from .ops import Operations
+from .ops import Operations, _response
 from .plan import gc_paused
+from .results import FINAL_RUN_EVENTS, RunResult
 from .state import Store
-from .tls import check_listen, server_context
+from .tls import check_listen, client_context, server_context
 
 log = logging.getLogger("swarm.dispatcher")
 
@@ -71,7 +76,7 @@ def scheduler_config(cfg: Config) -> c.SchedulerConfig:
         load_balancing=co.enable_load_balancing,
         priority_queue=co.priority_queue_enabled,
         retry=cfg.retry,
-        retry_limit=co.task_retry_limit,
+        default_retries=co.task_retry_limit,
         token_source=random_token,
         # A worker that outlived the last dispatcher reconnects within its backoff; its
         # running attempts wait this long for it before they run again elsewhere.
@@ -177,12 +182,14 @@ class Dispatcher:
         self.failed: BaseException | None = None
         self.refused_hellos = 0  # workers that claimed a node id without its proof
         self.stopped = asyncio.Event()
+        self._allowed: tuple[Network, ...] = ()  # [security] allowed_hosts, resolved
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         check_listen(self.host, self.config, self.insecure)
         ssl_context = server_context(self.config)
+        self._allowed = await resolve_allowed(self.config.security.allowed_hosts)
         self.store = await Store.open(self.db_path, self.config.dispatcher.synchronous)
         self._node_key = await self.store.node_key()
         self.core = c.Scheduler(scheduler_config(self.config))
@@ -195,7 +202,7 @@ class Dispatcher:
                 max_size=self.config.dispatcher.max_frame_size,
                 ping_interval=None,  # liveness is our own heartbeat, judged by the core
                 server_header=f"swarm/{__version__}",
-                process_request=self.ops.http,
+                process_request=self._process_request,
                 ssl=ssl_context,
             )
         except OSError as e:
@@ -235,6 +242,20 @@ class Dispatcher:
         self.stopped.set()
         log.info("dispatcher stopped")
 
+    async def dispatch_from_file(self, path: str | os.PathLike[str]) -> RunResult:
+        """Deploy a manifest file to this dispatcher's own workers and wait for the run to
+        end (the original's `dispatchFromFile`): its `RunResult`, which carries
+        `completed_tasks` and `total_tasks` too. ManifestError for a bad manifest."""
+        from .client import Client
+
+        if self.core is None:
+            raise SwarmError("the dispatcher is not started: use `async with Dispatcher(...)`")
+        async with Client(self.url, token=self.config.security.token,
+                          name="dispatch_from_file", ssl=client_context(self.config, self.url)
+                          ) as c:
+            run = await c.deploy(path)
+            return await run.wait()
+
     async def __aenter__(self) -> Dispatcher:
         await self.start()
         return self
@@ -252,8 +273,19 @@ class Dispatcher:
         wf = workflow_from_dict(row["manifest"], source=f"<run {run_id}>")
         self._feed(c.RunRestored(run_id, wf, row["status"], row["created_at"], tuple(records),
                                  self.now()))
-        log.info("run %s (%s): %s, restored from the state DB", run_id, wf.name, row["status"])
+        log.info("run %s (%s): %s, restored from the state DB", run_id, wf.name, row["status"],
+                 extra={"run_id": run_id})
         return True
+
+    async def _process_request(self, conn: ServerConnection, request: HttpRequest
+                               ) -> Response | None:
+        address = str((conn.remote_address or ("",))[0])
+        if not peer_allowed(address, self._allowed):
+            log.warning("refused a connection from %s: not in [security] allowed_hosts",
+                        address)
+            return _response(403, "host not allowed by [security] allowed_hosts\n",
+                             "text/plain")
+        return await self.ops.http(conn, request)
 
     # --- the core loop ----------------------------------------------------------------
 
@@ -325,6 +357,9 @@ class Dispatcher:
                 if isinstance(msg, p.Assign):
                     self.dispatch_latency.observe(now - fed_at)
                 peer.send(msg)
+            for r in records:
+                if r.kind in FINAL_RUN_EVENTS:
+                    _log_outcome(r)
             if records:
                 # The frames above go out first (their writers run now): workers wait for
                 # work, watchers only watch.
@@ -559,6 +594,15 @@ def _log_stall(j: c.Journal) -> None:
 
 # Journal entries an operator should also see in the log, as they are made.
 _LOGGED = {"claim.refused": _log_refused, "dispatcher.stalled": _log_stall}
+
+
+def _log_outcome(r: c.Journal) -> None:
+    """Every run's end, at info: status, symbol counts, duration."""
+    counts = r.data.get("counts") or {}
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no symbols"
+    log.info("run %s %s: %d symbols (%s) in %.3f s", r.run_id, r.data.get("status", r.kind[4:]),
+             sum(counts.values()), parts, float(r.data.get("duration") or 0.0),
+             extra={"run_id": r.run_id})
 
 
 def tune_gc() -> None:

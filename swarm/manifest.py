@@ -27,7 +27,6 @@ from yaml.nodes import ScalarNode
 from swarm.errors import ManifestError, Problem
 from swarm.model import (
     CONTEXTS,
-    DEFAULT_RETRIES,
     DEFAULT_TIMEOUT_MS,
     DISPATCHES,
     MODES,
@@ -491,7 +490,7 @@ class _Checker:
             dependencies=self.dependencies(at, name, names),
             priority=self.integer(at, "priority", 0, None),
             timeout=self.integer(at, "timeout", DEFAULT_TIMEOUT_MS, 1, " (milliseconds)"),
-            retries=self.integer(at, "retries", DEFAULT_RETRIES, 0),
+            retries=self.integer(at, "retries", None, 0),
             resources=tuple(resources),
             rollback=rollback,
             description=self.string(at, "description"),
@@ -515,7 +514,7 @@ class _Checker:
             dispatch=self.choice(at, "dispatch", DISPATCHES, dispatch),
             parameters=self.parameters(at),
             timeout=self.integer(at, "timeout", DEFAULT_TIMEOUT_MS, 1, " (milliseconds)"),
-            retries=self.integer(at, "retries", DEFAULT_RETRIES, 0),
+            retries=self.integer(at, "retries", None, 0),
         )
 
     def retry(self, at: _At) -> RetryPolicy:

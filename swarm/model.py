@@ -18,7 +18,7 @@ MODES = ("rolling", "waves")
 ON_FAILURE = ("rollback", "continue", "abort")
 
 DEFAULT_TIMEOUT_MS = 30_000
-DEFAULT_RETRIES = 3
+DEFAULT_RETRIES = 3  # [coordinator] task_retry_limit: a symbol without `retries`
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class RollbackSpec:
     dispatch: str = "internal"
     parameters: dict[str, Any] = field(default_factory=dict)
     timeout: int = DEFAULT_TIMEOUT_MS
-    retries: int = DEFAULT_RETRIES
+    retries: int | None = None  # None: the dispatcher's task_retry_limit
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,7 +59,7 @@ class RollbackSpec:
             "dispatch": self.dispatch,
             "parameters": self.parameters,
             "timeout": self.timeout,
-            "retries": self.retries,
+            **({"retries": self.retries} if self.retries is not None else {}),
         }
 
 
@@ -73,7 +73,8 @@ class Symbol:
     dependencies: tuple[str, ...] = ()
     priority: int = 0
     timeout: int = DEFAULT_TIMEOUT_MS  # ms per attempt
-    retries: int = DEFAULT_RETRIES  # retries after the first failure
+    # Retries after the first failure; None: the dispatcher's [coordinator] task_retry_limit.
+    retries: int | None = None
     resources: tuple[str, ...] = ()
     rollback: RollbackSpec | None = None
     description: str = ""
@@ -91,8 +92,9 @@ class Symbol:
             "dependencies": list(self.dependencies),
             "priority": self.priority,
             "timeout": self.timeout,
-            "retries": self.retries,
         }
+        if self.retries is not None:  # unset stays unset: the dispatcher's default applies
+            d["retries"] = self.retries
         if self.resources:
             d["resources"] = list(self.resources)
         if self.rollback is not None:

@@ -80,7 +80,8 @@ class Operations:
             wf.name, {s.name: s.dispatch for s in wf.symbols})
         self.d._feed(c.RunSubmitted(run_id, wf, self.d.now(), reuse, resumed_from, durations))
         log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
-                 f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "")
+                 f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "",
+                 extra={"run_id": run_id})
         self._reply_after_commit(peer, req, {"run_id": run_id, "attached": False,
                                              "reused": len(reuse)})
         return None
@@ -118,6 +119,7 @@ class Operations:
         elif req.op == "status":
             data: dict[str, Any] = self.d.core.snapshot()
             data["db"] = await self.d.store.counts()
+            data["summary"] = summary(data, await self.d.store.symbol_totals())
             data["db_path"] = self.d.db_path
             data["version"] = __version__
             data["uptime"] = time.time() - self.d._started
@@ -201,9 +203,25 @@ class Operations:
         return None
 
 
+def summary(status: dict[str, Any], totals: dict[str, int]) -> dict[str, int]:
+    """The figures of the original's status: nodes idle and busy, tasks queued and running
+    now, tasks completed and failed over every run in the state DB (so they do not drop
+    to 0 when a run ends), active workflows."""
+    nodes = status["nodes"]
+    busy = sum(1 for n in nodes if n["running"])
+    live = status["tasks"]
+    return {
+        "nodes": len(nodes), "idle": len(nodes) - busy, "busy": busy,
+        "queued": sum(live.get(s, 0) for s in ("pending", "ready", "retrying")),
+        "running": live.get("running", 0),
+        "completed": totals.get("completed", 0), "failed": totals.get("failed", 0),
+        "active_workflows": len(status["runs"]),
+    }
+
+
 def _response(status: int, body: str, content_type: str) -> Response:
     data = body.encode()
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
                        ("Connection", "close")])
-    reason = {200: "OK"}.get(status, "")
+    reason = {200: "OK", 403: "Forbidden"}.get(status, "")
     return Response(status, reason, headers, data)

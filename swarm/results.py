@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsIndex, overload
 
 from .protocol import Event
 from .tasks import TERMINAL
@@ -32,6 +32,42 @@ class SymbolOutcome:
     parent: str | None = None  # for a rollback: the symbol it undid
 
 
+class SymbolOutcomes(tuple[SymbolOutcome, ...]):
+    """A run's symbol outcomes in order (rollbacks after their symbols); also a lookup by
+    name: `result.symbols["greet"]` is the outcome of symbol `greet` (not its rollback)."""
+
+    __slots__ = ()
+
+    @overload
+    def __getitem__(self, key: SupportsIndex) -> SymbolOutcome: ...
+    @overload
+    def __getitem__(self, key: slice) -> tuple[SymbolOutcome, ...]: ...
+    @overload
+    def __getitem__(self, key: str) -> SymbolOutcome: ...
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            for s in self:
+                if s.symbol == key and s.kind == "main":
+                    return s
+            raise KeyError(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            return any(s.symbol == key and s.kind == "main" for s in self)
+        return super().__contains__(key)
+
+    def get(self, name: str, default: SymbolOutcome | None = None) -> SymbolOutcome | None:
+        for s in self:
+            if s.symbol == name and s.kind == "main":
+                return s
+        return default
+
+    def names(self) -> list[str]:
+        return [s.symbol for s in self if s.kind == "main"]
+
+
 @dataclass(frozen=True, slots=True)
 class RunResult:
     """A run's record: its status and every symbol's outcome."""
@@ -42,11 +78,29 @@ class RunResult:
     status: str
     started_at: float
     finished_at: float | None
-    symbols: tuple[SymbolOutcome, ...]
+    symbols: SymbolOutcomes
 
     @property
     def ok(self) -> bool:
         return self.status == "completed"
+
+    @property
+    def id(self) -> str:
+        return self.run_id
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the run's start to its end; None while it runs."""
+        return None if self.finished_at is None else self.finished_at - self.started_at
+
+    @property
+    def total_tasks(self) -> int:
+        """Symbols of the run (rollbacks not counted), as the original's result counts."""
+        return sum(1 for s in self.symbols if s.kind == "main")
+
+    @property
+    def completed_tasks(self) -> int:
+        return sum(1 for s in self.symbols if s.kind == "main" and s.state == "completed")
 
     @property
     def done(self) -> bool:
@@ -63,7 +117,7 @@ class RunResult:
         return cls(
             run_id=rec["run_id"], workflow=rec["workflow"], version=rec["version"],
             status=rec["status"], started_at=rec["created_at"], finished_at=rec["finished_at"],
-            symbols=tuple(SymbolOutcome(
+            symbols=SymbolOutcomes(SymbolOutcome(
                 symbol=t["symbol"], kind=t["kind"], state=t["state"], node=t["node"],
                 attempts=t["attempts"],
                 duration=(t["finished_at"] - t["started_at"]

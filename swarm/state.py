@@ -433,6 +433,12 @@ class Store:
             out[t] = int(rows[0]["n"])
         return out
 
+    async def symbol_totals(self) -> dict[str, int]:
+        """Symbols (not rollbacks) by state over every run the state DB holds."""
+        rows = await self._rows("SELECT state, COUNT(*) AS n FROM tasks WHERE kind = 'main'"
+                                " GROUP BY state")
+        return {str(r["state"]): int(r["n"]) for r in rows}
+
     async def run(self, run_id: str) -> dict[str, Any] | None:
         rows = await self._rows(
             "SELECT run_id, workflow, version, manifest_hash, on_failure, mode, status,"

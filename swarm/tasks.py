@@ -97,7 +97,7 @@ class Task:
         return self.spec.dispatch
 
     @property
-    def retries(self) -> int:
+    def retries(self) -> int | None:
         return self.spec.retries
 
 

@@ -294,9 +294,13 @@ class Worker:
             self._running.pop(token, None)
             raise
         except Exception as e:  # a bug in a backend runner must not kill the worker
-            log.exception("worker %s: backend %s crashed", self.name, inv.dispatch)
+            log.exception("worker %s: backend %s crashed", self.name, inv.dispatch,
+                          extra=_context(inv, self.name))
             outcome = Outcome(ok=False, output=None, error=f"{type(e).__name__}: {e}")
         self._running.pop(token, None)
+        log.debug("symbol %s attempt %d on %s: %s in %.0f ms%s", inv.symbol, inv.attempt,
+                  inv.dispatch, "ok" if outcome.ok else "failed", outcome.duration_ms,
+                  "" if outcome.ok else f": {outcome.error}", extra=_context(inv, self.name))
         result = _sendable(p.TaskResult(
             token=token, task_id=inv.task_id, ok=outcome.ok, output=outcome.output,
             error=outcome.error, exit_code=outcome.exit_code, retryable=outcome.retryable,
@@ -343,6 +347,11 @@ class Worker:
                 await ws.send(frame)
 
         asyncio.get_running_loop().create_task(send())
+
+
+def _context(inv: Invocation, node: str) -> dict[str, Any]:
+    """What JSON log lines carry about an attempt ([logging] format = "json")."""
+    return {"run_id": inv.run_id, "symbol": inv.symbol, "node": node, "attempt": inv.attempt}
 
 
 async def serve_worker(config: Config, *, name: str | None = None, url: str | None = None,

@@ -197,6 +197,31 @@ def test_retries_exhausted_fail_the_symbol() -> None:
     assert [j.attempt for j in h.journal if j.kind == "symbol.started"] == [1, 2]
 
 
+def _attempts_until_failed(h: Harness) -> int:
+    h.node("w")
+    for _ in range(50):
+        for t in h.take("w"):
+            h.result("w", t, ok=False, error="boom")
+        if h.state("a") == "failed":
+            break
+        h.tick(1)  # past any backoff (NO_JITTER: 0.1 s doubling, at most 1 s)
+    return len([j for j in h.journal if j.kind == "symbol.started"])
+
+
+@pytest.mark.parametrize("limit, own, attempts", [
+    (3, None, 4),   # the original's default: 3 retries of a symbol without `retries`
+    (5, None, 6),   # its "For Reliability" tuning: task_retry_limit = 5 adds retries
+    (0, None, 1),
+    (5, 1, 2),      # a symbol's own `retries` wins, lower ...
+    (1, 4, 5),      # ... or higher
+])
+def test_task_retry_limit_is_the_retries_of_a_symbol_without_its_own(
+        limit: int, own: int | None, attempts: int) -> None:
+    h = Harness(default_retries=limit)
+    h.submit(wf(sym("a", **({"retries": own} if own is not None else {})), on_failure="abort"))
+    assert _attempts_until_failed(h) == attempts
+
+
 def test_not_retryable_failure_fails_at_once() -> None:
     h = Harness()
     h.node("w")

@@ -459,7 +459,7 @@ def test_a_minimal_symbol_gets_every_default() -> None:
         "generic",
         "internal",
         30_000,
-        3,
+        None,  # unset: the dispatcher's [coordinator] task_retry_limit applies
         0,
     )
 
