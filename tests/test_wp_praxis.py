@@ -310,3 +310,16 @@ def test_adapter_keys_are_checked_with_file_and_key_named() -> None:
         parse_config('[backends.rust_injector]\nwp_load = "x"\n', "w.toml")
     cfg = parse_config("")
     assert dataclasses.astuple(cfg.backends.rust_injector)[3:] == ("swarm", "", False, False, [2])
+
+
+def test_example_configs_show_the_adapters_and_load() -> None:
+    from swarm.config import load_config
+
+    cfg = load_config(REPO / "examples" / "wp-praxis-config.toml")
+    b = cfg.backends
+    assert (b.rust_injector.adapter, b.php_engine.adapter, b.powershell_engine.adapter) == (
+        "wp_praxis", "wp_praxis", "wp_praxis")
+    assert b.php_engine.wp_load.endswith("wp-load.php") and b.rust_injector.wp_root
+    shipped = (REPO / "swarm" / "data" / "swarm-config.toml").read_text()
+    assert (REPO / "configs" / "swarm-config.toml").read_text() == shipped
+    assert shipped.count('adapter = "swarm"') == 3
