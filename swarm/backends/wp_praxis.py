@@ -228,6 +228,8 @@ def ps_manifest(inv: Invocation) -> str:
     action: dict[str, Any] = {"name": inv.symbol, "executor": "powershell",
                               "context": ps_context(inv.context), "type": inv.type}
     for key, value in inv.parameters.items():
+        if key in ("name", "context"):  # symbolic.ps1 matches on these: they are ours
+            raise ValueError(f"parameter {key!r} is set by swarm for symbolic.ps1")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
             raise ValueError(f"parameter name {key!r} cannot be written for symbolic.ps1")
         if isinstance(value, dict | list) or value is None:
