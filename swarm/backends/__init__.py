@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..config import Config, PhpEngineConfig, PowerShellEngineConfig, RustInjectorConfig
 from ..model import DISPATCHES
+from . import wp_praxis
 from .internal import (
     HandlerFailure,
     handler,
@@ -30,7 +31,6 @@ from .internal import (
     registered,
     run_internal,
 )
-from . import wp_praxis
 from .process import Invocation, Outcome, build_argv, run_process
 
 __all__ = [
