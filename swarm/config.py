@@ -79,11 +79,34 @@ class WorkerConfig:
         return self.node_name or socket.gethostname()
 
 
+ADAPTERS = ("swarm", "wp_praxis")  # swarm: the argv contract of DESIGN §4
+
+
+def _check_backend(section: str, adapter: str, fail_fast_exit_codes: list[int]) -> None:
+    """The keys issue #21 added to each [backends.*] section; raises ConfigError."""
+    if adapter not in ADAPTERS:
+        raise ConfigError(f"'backends.{section}.adapter' must be one of "
+                          f"{', '.join(repr(a) for a in ADAPTERS)}, got {adapter!r}")
+    for code in fail_fast_exit_codes:
+        if type(code) is not int or not 1 <= code <= 255:
+            raise ConfigError(f"'backends.{section}.fail_fast_exit_codes' must hold exit "
+                              f"codes from 1 to 255, got {code!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class RustInjectorConfig:
     enabled: bool = True
     binary_path: str = "./examples/backends/rust-injector/target/release/wp-injector"
     timeout: int = 30_000
+    adapter: str = "swarm"  # "wp_praxis": the original wp_injector (inject --manifest ...)
+    wp_root: str = ""  # wp_praxis: the WordPress root (symbol parameter `wp_root` wins)
+    dry_run: bool = False  # wp_praxis: pass --dry-run (symbol parameter `dry_run` wins)
+    require_output: bool = False  # exit 0 with empty stdout is a failure
+    # Usage errors (clap, argparse, getopt) come back the same each time: never retried.
+    fail_fast_exit_codes: list[int] = field(default_factory=lambda: [2])
+
+    def __post_init__(self) -> None:
+        _check_backend("rust_injector", self.adapter, self.fail_fast_exit_codes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +115,13 @@ class PhpEngineConfig:
     php_binary: str = "php"
     script_path: str = "./examples/backends/php/engine.php"
     timeout: int = 30_000
+    adapter: str = "swarm"  # "wp_praxis": the original engine's class library, via our entry
+    wp_load: str = ""  # wp_praxis: WordPress's wp-load.php
+    require_output: bool = False
+    fail_fast_exit_codes: list[int] = field(default_factory=lambda: [2])
+
+    def __post_init__(self) -> None:
+        _check_backend("php_engine", self.adapter, self.fail_fast_exit_codes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +130,12 @@ class PowerShellEngineConfig:
     pwsh_binary: str = "pwsh"
     script_path: str = "./examples/backends/powershell/engine.ps1"
     timeout: int = 30_000
+    adapter: str = "swarm"  # "wp_praxis": symbolic.ps1 -ManifestPath FILE -Operation Execute
+    require_output: bool = False
+    fail_fast_exit_codes: list[int] = field(default_factory=lambda: [2])
+
+    def __post_init__(self) -> None:
+        _check_backend("powershell_engine", self.adapter, self.fail_fast_exit_codes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,14 +13,16 @@ an `Outcome`; only cancellation propagates (after the backend's process group is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, PhpEngineConfig, PowerShellEngineConfig, RustInjectorConfig
 from ..model import DISPATCHES
+from . import wp_praxis
 from .internal import (
     HandlerFailure,
     handler,
@@ -70,6 +72,7 @@ class _Target:
     script: str | None  # script_path, None for the rust injector
     version_flag: str  # the health check: COMMAND FLAG must exit 0
     timeout: int
+    settings: RustInjectorConfig | PhpEngineConfig | PowerShellEngineConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +93,15 @@ class Backends:
         self._targets = {
             "rust_injector": _Target(
                 "rust_injector", rust.enabled, rust.binary_path, "binary_path", None,
-                "--version", rust.timeout,
+                "--version", rust.timeout, rust,
             ),
             "php_engine": _Target(
                 "php_engine", php.enabled, php.php_binary, "php_binary", php.script_path,
-                "--version", php.timeout,
+                "--version", php.timeout, php,
             ),
             "powershell_engine": _Target(
                 "powershell_engine", ps.enabled, ps.pwsh_binary, "pwsh_binary", ps.script_path,
-                "-Version", ps.timeout,
+                "-Version", ps.timeout, ps,
             ),
         }
         self._ready: dict[str, _Ready] = {}
@@ -162,15 +165,31 @@ class Backends:
                 return f"{section} script_path is empty", None, ""
             if not os.path.isfile(script):
                 return f"{section} script_path: script file {script!r} not found", None, ""
+        ready = _Ready(command, script, t.timeout)
+        if t.settings.adapter == "wp_praxis":
+            reason, version = await self._check_wp_praxis(t, command, script)
+            return (f"{section} {reason}", None, "") if reason else (None, ready, version)
         argv = [command, t.version_flag]
-        out = await run_process(
-            argv, timeout_ms=CHECK_TIMEOUT_MS, output_cap=64 * 1024, kill_grace_ms=500
-        )
+        out = await _check_run(argv)
         if not out.ok:
             return f"`{' '.join(argv)}` failed: {out.error}", None, ""
-        text = out.output if isinstance(out.output, str) else json.dumps(out.output)
-        version = text.splitlines()[0].strip() if text.strip() else ""
-        return None, _Ready(command, script, t.timeout), version
+        text = _first_line(out)
+        reason = await _prove_engine(t.name, command, script, text)
+        if reason:
+            return f"{section} {reason}", None, ""
+        return None, ready, text
+
+    async def _check_wp_praxis(self, t: _Target, command: str, script: str
+                               ) -> tuple[str | None, str]:
+        s = t.settings
+        if isinstance(s, RustInjectorConfig):
+            return await wp_praxis.rust_check(command, self._config.resolve(s.wp_root))
+        if isinstance(s, PhpEngineConfig):
+            return await wp_praxis.php_check(command, script, self._config.resolve(s.wp_load))
+        out = await _check_run([command, t.version_flag])
+        if not out.ok:
+            return f"`{command} {t.version_flag}` failed: {out.error}", ""
+        return wp_praxis.ps_check(script), _first_line(out)
 
     def _find_command(self, command: str) -> tuple[str, str]:
         """(absolute path, "") or ("", why it cannot be run)."""
@@ -197,20 +216,104 @@ class Backends:
         if inv.dispatch == "internal":
             return await run_internal(inv, inv.timeout_ms)
         ready = self._ready[inv.dispatch]
+        settings = self._targets[inv.dispatch].settings
         try:
-            argv = build_argv(inv.dispatch, ready.command, ready.script, inv)
             document = json.dumps(inv.document()).encode()
+            argv = build_argv(inv.dispatch, ready.command, ready.script, inv)
         except (TypeError, ValueError) as e:
             return _refused(f"parameters are not JSON: {e}")
         b = self._config.backends
-        return await run_process(
-            argv,
-            stdin=document,
-            env={**os.environ, **inv.environment()},
-            timeout_ms=effective_timeout(inv.timeout_ms, ready.timeout),
-            output_cap=b.output_cap,
-            kill_grace_ms=b.kill_grace,
-        )
+
+        async def runner(argv: list[str], stdin: bytes) -> Outcome:
+            return await run_process(
+                argv,
+                stdin=stdin,
+                env={**os.environ, **inv.environment()},
+                timeout_ms=effective_timeout(inv.timeout_ms, ready.timeout),
+                output_cap=b.output_cap,
+                kill_grace_ms=b.kill_grace,
+            )
+
+        if settings.adapter == "wp_praxis":
+            outcome = await self._run_wp_praxis(settings, ready, inv, document, runner)
+        else:
+            outcome = await runner(argv, document)
+        return judge(outcome, settings.require_output, settings.fail_fast_exit_codes)
+
+    async def _run_wp_praxis(
+        self,
+        s: RustInjectorConfig | PhpEngineConfig | PowerShellEngineConfig,
+        ready: _Ready,
+        inv: Invocation,
+        document: bytes,
+        runner: wp_praxis.Runner,
+    ) -> Outcome:
+        if isinstance(s, RustInjectorConfig):
+            return await wp_praxis.rust_run(ready.command, self._config.resolve(s.wp_root),
+                                            s.dry_run, inv, document, runner)
+        if isinstance(s, PhpEngineConfig):
+            argv = wp_praxis.php_argv(ready.command, ready.script,
+                                      self._config.resolve(s.wp_load))
+            return wp_praxis.php_result(await runner(argv, document))
+        return await wp_praxis.ps_run(ready.command, ready.script, inv, document, runner)
+
+
+def judge(out: Outcome, require_output: bool, fail_fast_exit_codes: list[int]) -> Outcome:
+    """The per-backend rules of issue #21 on top of exit-code semantics: an exit code in
+    `fail_fast_exit_codes` (a usage error) fails at once; with `require_output`, an exit 0
+    that printed nothing is a failure, never a silent success."""
+    if out.ok:
+        if require_output and out.output == "":
+            return dataclasses.replace(out, ok=False, retryable=False,
+                                       error="backend produced no result")
+        return out
+    if out.exit_code in fail_fast_exit_codes and not out.timed_out and out.retryable:
+        return dataclasses.replace(
+            out, retryable=False,
+            error=f"{out.error} (exit code {out.exit_code} is a usage error: not retried)")
+    return out
+
+
+async def _check_run(argv: list[str]) -> Outcome:
+    return await run_process(
+        argv, timeout_ms=CHECK_TIMEOUT_MS, output_cap=64 * 1024, kill_grace_ms=500
+    )
+
+
+def _first_line(out: Outcome) -> str:
+    text = out.output if isinstance(out.output, str) else json.dumps(out.output)
+    return text.splitlines()[0].strip() if text.strip() else ""
+
+
+async def _prove_engine(name: str, command: str, script: str, version: str) -> str | None:
+    """Why the configured program is not an engine of the argv contract, or None.
+
+    A file that exists is not yet an engine: the original WP Praxis PHP engine is a class
+    library that prints nothing and exits 0 for any argv, and would "complete" every
+    symbol without running anything."""
+    if name == "rust_injector":
+        if version.startswith("wp_injector"):
+            return ("is the original WP Praxis injector, which rejects the argv contract "
+                    '(--symbol ...): set adapter = "wp_praxis"')
+        return None
+    if name == "php_engine":
+        out = await _check_run([command, script, "--version"])
+        if not out.ok:
+            return f"`php {script} --version` failed: {out.error}"
+        if out.output == "":
+            return (f"`php {script} --version` printed nothing: not an engine of the argv "
+                    "contract (for the WP Praxis symbolic-engine.php, a class library, set "
+                    'adapter = "wp_praxis")')
+        return None
+    try:
+        with open(script, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        return f"cannot read script_path: {e}"
+    if "symbolname" not in text.lower():
+        return ("script has no -SymbolName parameter: not an engine of the argv contract "
+                '(for the WP Praxis symbolic.ps1 set adapter = "wp_praxis")')
+    return None
 
 
 def _refused(error: str) -> Outcome:

@@ -280,7 +280,7 @@ def _outcome(
     if code == 0:
         return Outcome(ok=True, **common)
     said_no = isinstance(output, dict) and output.get("retryable") is False
-    error = _exit_error(code, proto.tail, output)
+    error = _exit_error(code, bytes(proto.kept[2]) + b"\n" + proto.tail, output)
     return Outcome(ok=False, error=error, retryable=not said_no, **common)
 
 
@@ -295,7 +295,18 @@ def parse_output(text: str) -> Any:
         return text
 
 
-def _exit_error(code: int | None, stderr_tail: bytes, output: Any) -> str:
+def telling_line(stderr: str) -> str:
+    """The stderr line that best says why: the first starting with "error" (clap, anyhow,
+    PHP and most CLIs put the cause there and follow it with usage or log noise), else
+    the last one."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if line.lower().startswith("error"):
+            return line
+    return lines[-1] if lines else ""
+
+
+def _exit_error(code: int | None, stderr: bytes, output: Any) -> str:
     if code is None:
         head = "did not exit after SIGKILL"
     elif code < 0:
@@ -305,8 +316,8 @@ def _exit_error(code: int | None, stderr_tail: bytes, output: Any) -> str:
             head = f"killed by signal {-code}"
     else:
         head = f"exit code {code}"
-    lines = stderr_tail.decode("utf-8", errors="replace").strip().splitlines()
-    detail = lines[-1].strip() if lines else ""
+    # `stderr` is the kept head and the tail: an error line early in a long stderr counts.
+    detail = telling_line(stderr.decode("utf-8", errors="replace"))
     if not detail and isinstance(output, dict) and isinstance(output.get("error"), str):
         detail = output["error"]
     return f"{head}: {detail[:500]}" if detail else head
