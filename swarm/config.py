@@ -82,17 +82,6 @@ class WorkerConfig:
 ADAPTERS = ("swarm", "wp_praxis")  # swarm: the argv contract of DESIGN §4
 
 
-def _check_backend(section: str, adapter: str, fail_fast_exit_codes: list[int]) -> None:
-    """The keys issue #21 added to each [backends.*] section; raises ConfigError."""
-    if adapter not in ADAPTERS:
-        raise ConfigError(f"'backends.{section}.adapter' must be one of "
-                          f"{', '.join(repr(a) for a in ADAPTERS)}, got {adapter!r}")
-    for code in fail_fast_exit_codes:
-        if type(code) is not int or not 1 <= code <= 255:
-            raise ConfigError(f"'backends.{section}.fail_fast_exit_codes' must hold exit "
-                              f"codes from 1 to 255, got {code!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class RustInjectorConfig:
     enabled: bool = True
@@ -104,9 +93,6 @@ class RustInjectorConfig:
     require_output: bool = False  # exit 0 with empty stdout is a failure
     # Usage errors (clap, argparse, getopt) come back the same each time: never retried.
     fail_fast_exit_codes: list[int] = field(default_factory=lambda: [2])
-
-    def __post_init__(self) -> None:
-        _check_backend("rust_injector", self.adapter, self.fail_fast_exit_codes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +106,6 @@ class PhpEngineConfig:
     require_output: bool = False
     fail_fast_exit_codes: list[int] = field(default_factory=lambda: [2])
 
-    def __post_init__(self) -> None:
-        _check_backend("php_engine", self.adapter, self.fail_fast_exit_codes)
-
 
 @dataclass(frozen=True, slots=True)
 class PowerShellEngineConfig:
@@ -133,9 +116,6 @@ class PowerShellEngineConfig:
     adapter: str = "swarm"  # "wp_praxis": symbolic.ps1 -ManifestPath FILE -Operation Execute
     require_output: bool = False
     fail_fast_exit_codes: list[int] = field(default_factory=lambda: [2])
-
-    def __post_init__(self) -> None:
-        _check_backend("powershell_engine", self.adapter, self.fail_fast_exit_codes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +213,15 @@ def _validate(cfg: Config, r: Reader) -> None:
     for i, host in enumerate(cfg.security.allowed_hosts):
         if not host.strip():
             r.problem("security.allowed_hosts", f"entry {i + 1} is empty")
+    for section in ("rust_injector", "php_engine", "powershell_engine"):
+        b = getattr(cfg.backends, section)
+        if b.adapter not in ADAPTERS:
+            r.problem(f"backends.{section}.adapter", f"must be one of "
+                      f"{', '.join(repr(a) for a in ADAPTERS)}, got {b.adapter!r}")
+        bad = [c for c in b.fail_fast_exit_codes if type(c) is not int or not 1 <= c <= 255]
+        if bad:
+            r.problem(f"backends.{section}.fail_fast_exit_codes",
+                      f"must hold exit codes from 1 to 255, got {bad[0]!r}")
     if r.auth_without_key and not cfg.security.token:
         r.problem("security.enable_auth", "is true, but no key is set: set [security] api_key "
                                           "(or token, or SWARM_TOKEN)")
