@@ -21,6 +21,7 @@ import tomli
 
 from .errors import ConfigError
 from .model import DISPATCHES, RetryPolicy
+from .secrets import REFERENCE_NAME, check_source
 
 DEFAULT_PORT = 8080
 DEFAULT_CONFIG_NAME = "swarm-config.toml"
@@ -132,6 +133,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    # Worker only: secret name -> "file:PATH" | "env:NAME" (see swarm.secrets).
+    secrets: dict[str, str] = field(default_factory=dict)
     path: str = ""  # the file it came from, "" for built-in defaults
     base_dir: str = "."  # relative paths in the file are relative to this
 
@@ -155,7 +158,7 @@ class Config:
 T = TypeVar("T")
 
 # Sections whose keys are free-form maps of one value type.
-_FREE_MAPS = {"capabilities": bool, "labels": str}
+_FREE_MAPS = {"capabilities": bool, "labels": str, "secrets": str}
 
 
 def _build(cls: type[T], data: Any, where: str) -> T:
@@ -218,6 +221,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("'retry.backoff_factor' must be >= 1 and 'retry.jitter' within [0, 1]")
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("'logging.level' must be debug, info, warning or error")
+    for name, source in cfg.secrets.items():
+        why = check_source(source) if REFERENCE_NAME.fullmatch(name) else (
+            "a secret's name uses letters, digits, '_', '.' and '-' only")
+        if why is not None:
+            raise ConfigError(f"'secrets.{name}': {why}")
 
 
 def parse_config(text: str, path: str = "", base_dir: str = ".") -> Config:
