@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..model import DISPATCHES
+from ..secrets import inherited_environment
 from .internal import (
     HandlerFailure,
     handler,
@@ -206,7 +207,7 @@ class Backends:
         return await run_process(
             argv,
             stdin=document,
-            env={**os.environ, **inv.environment()},
+            env={**inherited_environment(self._config.secrets), **inv.environment()},
             timeout_ms=effective_timeout(inv.timeout_ms, ready.timeout),
             output_cap=b.output_cap,
             kill_grace_ms=b.kill_grace,
