@@ -28,6 +28,7 @@ from rich.table import Table
 from .plan import Plan
 from .protocol import Event
 from .results import ProgressTracker
+from .secrets import RedactingFormatter
 
 STATE_STYLE = {
     "completed": "green", "running": "cyan", "ready": "blue", "pending": "dim",
@@ -239,12 +240,14 @@ def setup_logging(level: str = "info", file: str = "") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
     handlers: list[logging.Handler] = []
     stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                                          "%H:%M:%S"))
+    # Redacting: a log line quoting `password=...` or a value the worker resolved as a
+    # secret shows "[redacted]" instead (swarm.secrets).
+    stream.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
     handlers.append(stream)
     if file:
         fh = logging.FileHandler(file)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(fh)
     logging.basicConfig(level=lvl, handlers=handlers, force=True)
     for noisy in ("websockets", "aiosqlite"):

@@ -30,6 +30,7 @@ from .manifest import workflow_from_dict
 from .metrics import Histogram
 from .ops import Operations
 from .plan import gc_paused
+from .secrets import redact_output
 from .state import Store
 from .tls import check_listen, server_context
 
@@ -346,7 +347,8 @@ class Dispatcher:
             if not targets:
                 continue
             ev = p.Event(kind=r.kind, ts=r.ts, run_id=r.run_id, task_id=r.task_id,
-                         symbol=r.symbol, node=r.node, attempt=r.attempt, data=r.lean_data())
+                         symbol=r.symbol, node=r.node, attempt=r.attempt,
+                         data=redact_output(r.lean_data()))
             for peer in targets:
                 batches.setdefault(peer, []).append(ev)
         for peer, events in batches.items():

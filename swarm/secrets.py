@@ -182,6 +182,15 @@ def redact(value: Any) -> Any:
     return value
 
 
+def redact_output(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's data with its `output` redacted; `data` itself if nothing changes."""
+    output = data.get("output")
+    if type(output) is not dict and type(output) is not list:  # most outputs: nothing to do
+        return data
+    masked = redact(output)
+    return data if masked is output else {**data, "output": masked}
+
+
 def argv_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
     """The parameters put in a backend's argv (`--params JSON`): everything but the
     top-level parameters whose names look secret. argv is readable by every local user
