@@ -22,6 +22,7 @@ import tomli
 from .config_reader import LOG_LEVELS, Reader
 from .errors import ConfigError
 from .model import RetryPolicy
+from .secrets import REFERENCE_NAME, check_source
 
 log = logging.getLogger("swarm.config")
 
@@ -156,6 +157,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    # Worker only: secret name -> "file:PATH" | "env:NAME" (see swarm.secrets).
+    secrets: dict[str, str] = field(default_factory=dict)
     path: str = ""  # the file it came from, "" for built-in defaults
     base_dir: str = "."  # relative paths in the file are relative to this
     warnings: tuple[str, ...] = ()  # keys accepted but not used, each with why
@@ -222,6 +225,11 @@ def _validate(cfg: Config, r: Reader) -> None:
         if bad:
             r.problem(f"backends.{section}.fail_fast_exit_codes",
                       f"must hold exit codes from 1 to 255, got {bad[0]!r}")
+    for name, source in cfg.secrets.items():
+        why = check_source(source) if REFERENCE_NAME.fullmatch(name) else (
+            "a secret's name uses letters, digits, '_', '.' and '-' only")
+        if why is not None:
+            r.problem(f"secrets.{name}", why)
     if r.auth_without_key and not cfg.security.token:
         r.problem("security.enable_auth", "is true, but no key is set: set [security] api_key "
                                           "(or token, or SWARM_TOKEN)")

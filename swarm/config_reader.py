@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 # Sections that are free maps of one value type, by their dotted name: a new one is a line.
-FREE_MAPS: dict[str, type] = {"worker.capabilities": bool, "worker.labels": str}
+FREE_MAPS: dict[str, type] = {"worker.capabilities": bool, "worker.labels": str,
+                              "secrets": str}
 
 # The original's backend names under [worker.capabilities] -> ours.
 ORIGINAL_CAPABILITIES = {"rust": "rust_injector", "php": "php_engine",

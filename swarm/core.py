@@ -852,7 +852,7 @@ class Scheduler:
         self._assign.setdefault(node.id, []).append(TaskAssignment(
             task_id=task.id, run_id=task.run.id, symbol=task.name, type=spec.type,
             context=spec.context, dispatch=spec.dispatch, parameters=spec.parameters,
-            attempt=task.attempts, token=task.token, timeout=timeout))
+            attempt=task.attempts, token=task.token, timeout=timeout, secrets=spec.secrets))
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from .metrics import Histogram
 from .ops import Operations, _response
 from .plan import gc_paused
 from .results import FINAL_RUN_EVENTS, RunResult
+from .secrets import redact_output
 from .state import Store
 from .tls import check_listen, client_context, server_context
 
@@ -414,7 +415,8 @@ class Dispatcher:
             if not targets:
                 continue
             ev = p.Event(kind=r.kind, ts=r.ts, run_id=r.run_id, task_id=r.task_id,
-                         symbol=r.symbol, node=r.node, attempt=r.attempt, data=r.lean_data())
+                         symbol=r.symbol, node=r.node, attempt=r.attempt,
+                         data=redact_output(r.lean_data()))
             for peer in targets:
                 batches.setdefault(peer, []).append(ev)
         for peer, events in batches.items():

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from .secrets import RedactingFormatter, redact_text
+
 CONTEXT_FIELDS = ("run_id", "symbol", "node", "attempt")
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -23,14 +25,16 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            # Redacted: a line quoting `password=...` or a value the worker resolved as a
+            # secret shows "[redacted]" instead (swarm.secrets).
+            "msg": redact_text(record.getMessage()),
         }
         for key in CONTEXT_FIELDS:
             value = getattr(record, key, None)
             if value is not None:
                 out[key] = value
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact_text(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
 
@@ -43,11 +47,11 @@ def setup_logging(level: str = "info", file: str = "", *, console: bool = True,
         stream = logging.StreamHandler(sys.stderr)
         # A terminal shows the time of day; a file keeps the date too.
         stream.setFormatter(JsonFormatter() if fmt == "json"
-                            else logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))
+                            else RedactingFormatter(TEXT_FORMAT, "%H:%M:%S"))
         handlers.append(stream)
     if file:
         fh = logging.FileHandler(file)
-        fh.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+        fh.setFormatter(JsonFormatter() if fmt == "json" else RedactingFormatter(TEXT_FORMAT))
         handlers.append(fh)
     if not handlers:  # neither: silence rather than Python's last-resort stderr handler
         handlers.append(logging.NullHandler())

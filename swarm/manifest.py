@@ -38,6 +38,7 @@ from swarm.model import (
     Workflow,
 )
 from swarm.plan import find_cycles, gc_paused
+from swarm.secrets import REFERENCE_NAME, check_env_name
 
 __all__ = ["load_manifest", "parse_manifest", "workflow_from_dict"]
 
@@ -47,7 +48,7 @@ _TOP_KEYS = frozenset(
     {"name", "version", "description", "mode", "on_failure", "resources", "symbols"}
 )
 _ROLLBACK_KEYS = frozenset(
-    {"name", "type", "context", "dispatch", "parameters", "timeout", "retries"}
+    {"name", "type", "context", "dispatch", "parameters", "timeout", "retries", "secrets"}
 )
 _SYMBOL_KEYS = _ROLLBACK_KEYS | {
     "dependencies", "priority", "resources", "rollback", "description", "retry", "deadline",
@@ -497,6 +498,7 @@ class _Checker:
             retry=retry,
             deadline=self.integer(at, "deadline", None, 1, " (milliseconds)"),
             requires=requires,
+            secrets=self.secrets(at),
         )
 
     def rollback(self, at: _At, owner: str, context: str, dispatch: str) -> RollbackSpec:
@@ -515,6 +517,7 @@ class _Checker:
             parameters=self.parameters(at),
             timeout=self.integer(at, "timeout", DEFAULT_TIMEOUT_MS, 1, " (milliseconds)"),
             retries=self.integer(at, "retries", None, 0),
+            secrets=self.secrets(at),
         )
 
     def retry(self, at: _At) -> RetryPolicy:
@@ -579,6 +582,23 @@ class _Checker:
                 self.lines.of(container, key) or self.lines.of(at.container, "parameters"),
             )
         return params
+
+    def secrets(self, at: _At) -> dict[str, str]:
+        """`secrets: {ENV_NAME: reference}`: only the names, resolved by the worker."""
+        refs = self.mapping(at, "secrets")
+        for key, value in refs.items():
+            if not isinstance(key, str):
+                continue  # reported by mapping()
+            line = self.lines.of(refs, key)
+            why = check_env_name(key)
+            if why is not None:
+                self.add(why, at.symbol, at.prefix + "secrets", line)
+            if not isinstance(value, str) or not REFERENCE_NAME.fullmatch(value):
+                got = repr(_clip(value)) if isinstance(value, str) else _describe(value)
+                msg = (f"{_clip(key)!r} must name a secret of the worker's [secrets] "
+                       f"(letters, digits, '_', '.' and '-'), got {got}")
+                self.add(msg, at.symbol, at.prefix + "secrets", line)
+        return refs
 
     # -- typed fields: each reports a wrong value and returns a usable default --------------
 

@@ -50,9 +50,10 @@ class RollbackSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     timeout: int = DEFAULT_TIMEOUT_MS
     retries: int | None = None  # None: the dispatcher's task_retry_limit
+    secrets: dict[str, str] = field(default_factory=dict)  # env name -> worker's reference
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "type": self.type,
             "context": self.context,
@@ -61,6 +62,9 @@ class RollbackSpec:
             "timeout": self.timeout,
             **({"retries": self.retries} if self.retries is not None else {}),
         }
+        if self.secrets:
+            d["secrets"] = dict(self.secrets)
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,9 @@ class Symbol:
     retry: RetryPolicy | None = None
     deadline: int | None = None  # ms across all attempts
     requires: dict[str, str] = field(default_factory=dict)  # worker labels
+    # Environment variable -> name of a secret in the worker's [secrets]. Only names
+    # travel; the worker reads the value (see swarm.secrets).
+    secrets: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -107,6 +114,8 @@ class Symbol:
             d["deadline"] = self.deadline
         if self.requires:
             d["requires"] = dict(self.requires)
+        if self.secrets:
+            d["secrets"] = dict(self.secrets)
         return d
 
 

@@ -21,6 +21,7 @@ from . import core as c
 from . import protocol as p
 from .errors import ManifestError
 from .manifest import workflow_from_dict
+from .secrets import redact
 
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher, _Peer
@@ -133,7 +134,8 @@ class Operations:
                                     rows["events"], rows["nodes"], time.time())
             else:
                 data = {k: v for k, v in rows["run"].items() if k != "manifest"}
-                data["tasks"] = rows["tasks"]
+                # Outputs as users see them: values under secret-looking names masked.
+                data["tasks"] = [{**t, "result": redact(t["result"])} for t in rows["tasks"]]
             peer.send(p.Reply(id=req.id, ok=True, data=data))
         elif req.op == "runs":
             peer.send(p.Reply(id=req.id, ok=True,

@@ -90,6 +90,8 @@ class TaskAssignment:
     attempt: int
     token: int
     timeout: int  # ms for this attempt
+    # Env name -> secret reference, resolved by the worker: values never cross the wire.
+    secrets: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

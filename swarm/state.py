@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -24,6 +25,8 @@ import aiosqlite
 
 from .core import Journal, TaskRecord
 from .errors import StateError
+
+log = logging.getLogger("swarm.state")
 
 SCHEMA_VERSION = 2  # 2: random attempt tokens (rows keyed by `id`), tasks.node_id
 DEFAULT_DURATION_MS = 1000.0  # expected duration of a symbol with no history at all
@@ -351,6 +354,38 @@ def _upgrade_to_2(con: sqlite3.Connection) -> None:
         con.execute("DROP TABLE attempts_v1")
 
 
+def _create_private(path: str) -> bool:
+    """Create the DB file 0600 before SQLite does (SQLite would use 0644 minus the umask);
+    False if it exists already. SQLite gives its -wal and -shm files the DB file's mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return False
+    os.fchmod(fd, 0o600)  # the mode of os.open is masked by the umask: this one is not
+    os.close(fd)
+    return True
+
+
+def _check_private(path: str, created: bool) -> None:
+    """The DB and its -wal/-shm hold every parameter and output: only their owner may read
+    them. Ours are made 0600; an operator's own file is left alone, with a warning."""
+    loose: list[str] = []
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(name).st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if not mode & 0o077:
+            continue
+        if created:
+            os.chmod(name, 0o600)
+        else:
+            loose.append(f"{name} (mode {mode:04o})")
+    if loose:
+        log.warning("state database files accessible to other users: %s. They hold every "
+                    "parameter and output of every run: chmod 600 them", ", ".join(loose))
+
+
 def _commit(con: sqlite3.Connection, batch: _Batch) -> None:
     con.execute("BEGIN IMMEDIATE")
     try:
@@ -386,7 +421,9 @@ class Store:
         writer = _Writer()
         try:
             Path(p).parent.mkdir(parents=True, exist_ok=True)
+            created = _create_private(p)
             await writer.open(p, synchronous)
+            _check_private(p, created)
             db = await aiosqlite.connect(p, isolation_level=None)
             await db.execute("PRAGMA query_only=ON")
         except BaseException as e:

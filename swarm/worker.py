@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -26,6 +27,8 @@ from . import protocol as p
 from .backends import Backends, Invocation, Outcome
 from .config import Config
 from .errors import AuthenticationFailed, ConfigError, ProtocolError, RemoteProtocolError
+from .secrets import SecretError, scrub
+from .secrets import resolve as resolve_secrets
 from .tls import client_context
 
 log = logging.getLogger("swarm.worker")
@@ -284,12 +287,12 @@ class Worker:
         inv = Invocation(run_id=t.run_id, task_id=t.task_id, symbol=t.symbol, type=t.type,
                          context=t.context, dispatch=t.dispatch, parameters=t.parameters,
                          attempt=t.attempt, timeout_ms=t.timeout)
-        task = asyncio.get_running_loop().create_task(self._execute(t.token, inv))
+        task = asyncio.get_running_loop().create_task(self._execute(t.token, inv, t.secrets))
         self._running[t.token] = task
 
-    async def _execute(self, token: int, inv: Invocation) -> None:
+    async def _execute(self, token: int, inv: Invocation, secrets: dict[str, str]) -> None:
         try:
-            outcome: Outcome = await self.backends.run(inv)
+            outcome: Outcome = await self._attempt(inv, secrets)
         except asyncio.CancelledError:
             self._running.pop(token, None)
             raise
@@ -311,6 +314,21 @@ class Worker:
         self._unacked[token] = result
         self._outbox.append(result)
         self._schedule_flush()
+
+    async def _attempt(self, inv: Invocation, secrets: dict[str, str]) -> Outcome:
+        """Run `inv` with its secrets resolved here; what comes back is scrubbed of their
+        values. A secret this worker cannot provide fails the symbol, not the worker."""
+        if not secrets:
+            return await self.backends.run(inv)
+        try:
+            env = resolve_secrets(secrets, self.config.secrets, self.config.base_dir)
+        except SecretError as e:
+            log.warning("worker %s: %s: %s", self.name, inv.task_id, e)
+            return Outcome(ok=False, output=None, error=str(e), retryable=False)
+        out = await self.backends.run(dataclasses.replace(inv, env=env))
+        return dataclasses.replace(
+            out, output=scrub(out.output, env), error=scrub(out.error, env),
+            stderr=scrub(out.stderr, env))
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..config import Config, PhpEngineConfig, PowerShellEngineConfig, RustInjectorConfig
 from ..model import DISPATCHES
+from ..secrets import inherited_environment
 from . import wp_praxis
 from .internal import (
     HandlerFailure,
@@ -228,7 +229,7 @@ class Backends:
             return await run_process(
                 argv,
                 stdin=stdin,
-                env={**os.environ, **inv.environment()},
+                env={**inherited_environment(self._config.secrets), **inv.environment()},
                 timeout_ms=effective_timeout(inv.timeout_ms, ready.timeout),
                 output_cap=b.output_cap,
                 kill_grace_ms=b.kill_grace,

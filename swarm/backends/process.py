@@ -22,8 +22,10 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
+
+from ..secrets import argv_parameters
 
 _TAIL = 4096  # bytes at the end of stderr kept apart from the cap: the error line lives there
 _DRAIN_MIN_S = 0.5  # after the group is killed, how long its pipes may take to reach EOF
@@ -43,6 +45,10 @@ class Invocation:
     parameters: dict[str, Any]
     attempt: int  # 1-based
     timeout_ms: int  # the symbol's per-attempt timeout
+    # The symbol's secrets, resolved on this worker: env name -> value. Out of repr and of
+    # the stdin document; a subprocess gets them in its environment, an internal handler
+    # reads `inv.env` (os.environ is shared by every handler of the worker).
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
     def document(self) -> dict[str, Any]:
         """The task document a backend receives on stdin (as JSON)."""
@@ -59,8 +65,10 @@ class Invocation:
         }
 
     def environment(self) -> dict[str, str]:
-        """The variables added to the worker's environment for this attempt."""
+        """The variables added to the worker's environment for this attempt: the symbol's
+        secrets, then ours (secret names may not start with SWARM_ anyway)."""
         return {
+            **self.env,
             "SWARM_RUN_ID": self.run_id,
             "SWARM_TASK_ID": self.task_id,
             "SWARM_SYMBOL": self.symbol,
@@ -85,8 +93,11 @@ class Outcome:
 
 
 def build_argv(dispatch: str, command: str, script: str, inv: Invocation) -> list[str]:
-    """The exact command line of DESIGN §4 for `dispatch` (script is unused for rust)."""
-    params = json.dumps(inv.parameters)
+    """The exact command line of DESIGN §4 for `dispatch` (script is unused for rust).
+
+    Parameters whose names look secret (`password`, `api_key`...) are left out of the
+    argv JSON, which every local user can read; the stdin document has them all."""
+    params = json.dumps(argv_parameters(inv.parameters))
     if dispatch == "rust_injector":
         return [command, *_flags(inv, params)]
     if dispatch == "php_engine":
