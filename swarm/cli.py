@@ -313,7 +313,7 @@ async def _expected(wf: Workflow, db: str) -> dict[str, float]:
 
     if not Path(db).is_file():
         raise ConfigError(f"--db {db}: no such state database")
-    store = await Store.open(db)
+    store = await Store.open_readonly(db)  # a dispatcher may be running on it
     try:
         return await store.expected_durations(wf.name, {s.name: s.dispatch for s in wf.symbols})
     finally:

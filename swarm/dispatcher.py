@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -31,7 +32,7 @@ from . import core as c
 from . import protocol as p
 from .access import Network, peer_allowed, resolve_allowed
 from .config import Config
-from .errors import ConfigError, RemoteProtocolError, StateError, SwarmError
+from .errors import ConfigError, RemoteProtocolError, StateBusy, StateError, SwarmError
 from .manifest import workflow_from_dict
 from .metrics import Histogram
 from .ops import Operations, _response
@@ -47,6 +48,12 @@ HELLO_TIMEOUT = 5.0
 CLIENT_QUEUE = 10_000  # events buffered per subscriber before it is told it missed some
 SEND_QUEUE = 50_000  # frames queued for one peer before it is closed as stuck
 TICK_MAX = 1.0
+# A commit that another process's lock or a full disk holds up is tried again, with
+# backoff up to COMMIT_BACKOFF_MAX, for up to STATE_GIVE_UP seconds; then the dispatcher
+# stops (non-zero) rather than serve on unrecorded. A restart resumes every run.
+COMMIT_BACKOFF_MAX = 2.0
+STATE_GIVE_UP = 300.0
+STATE_WATCH = 0.5  # seconds between checks that the state DB file is still ours
 # The tick loop woke this much later than it asked to: the dispatcher itself stalled (a
 # SIGSTOP, a blocked disk, a long burst of work), and nobody's silence is judged across it.
 STALL = 1.0
@@ -181,6 +188,9 @@ class Dispatcher:
         self.now = Clock()
         self._node_key = b""
         self.failed: BaseException | None = None
+        self._broken = False  # the scheduler raised: it takes no more events
+        self._writing_since: float | None = None  # the commit in flight began then
+        self._db_identity: tuple[int, int] | None = None
         self.refused_hellos = 0  # workers that claimed a node id without its proof
         self.stopped = asyncio.Event()
         self._allowed: tuple[Network, ...] = ()  # [security] allowed_hosts, resolved
@@ -213,8 +223,10 @@ class Dispatcher:
         sock = self._server.sockets[0] if self._server.sockets else None
         if sock is not None:
             self.port = sock.getsockname()[1]
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._flush_loop()), loop.create_task(self._tick_loop())]
+        self._db_identity = self.store.identity
+        self._tasks = [self._supervise(self._flush_loop(), "flusher"),
+                       self._supervise(self._tick_loop(), "ticker"),
+                       self._supervise(self._watch_state(), "state watch")]
         log.info("dispatcher %s listening on %s (state: %s)", __version__, self.url, self.db_path)
 
     @property
@@ -229,15 +241,21 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 10)
         if self._tasks:
-            flusher, ticker = self._tasks
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            # The flusher commits what the last connections' endings recorded, then ends;
-            # it is never cancelled in the middle of a transaction.
+            flusher, *others = self._tasks
+            for task in others:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            # The flusher commits what the last connections' endings recorded, then ends.
+            # Should the state DB hold it up, nothing of that was acknowledged: stopping
+            # without it is as safe as a crash.
             self._closing = True
             self._dirty.set()
-            await flusher
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(flusher), 30)
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await flusher
         if self.store is not None:
             await self.store.close()
         self.stopped.set()
@@ -290,17 +308,53 @@ class Dispatcher:
 
     # --- the core loop ----------------------------------------------------------------
 
+    def _supervise(self, coro: Any, name: str) -> asyncio.Task[None]:
+        """A background task whose unexpected end stops the dispatcher (non-zero) instead
+        of leaving it serving without, say, its scheduler's timers."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None and self.failed is None:
+                log.critical("dispatcher task '%s' failed; stopping", name,
+                             exc_info=t.exception())
+                self._fail(t.exception())  # type: ignore[arg-type]
+
+        task.add_done_callback(done)
+        return task
+
+    def _fail(self, e: BaseException) -> None:
+        """Stop taking work and stop the process (serve_forever exits non-zero); what was
+        committed is the state a restart resumes from."""
+        if self.failed is None:
+            self.failed = e
+        self.stopped.set()
+        if self._server is not None:
+            self._server.close()  # every peer sees the dispatcher go
+
     def _feed(self, event: c.Event) -> None:
         assert self.core is not None
+        if self._broken:
+            return  # stopping: the scheduler's memory is no longer trusted
         if not self._sends:
             self._fed_at = time.perf_counter()
-        if isinstance(event, (c.RunSubmitted, c.RunRestored)):
-            # A run's tasks are built in one burst (100,000 at a time): the cyclic GC would
-            # rescan the growing heap over and over, doubling the time. It runs later.
-            with gc_paused():
+        try:
+            if isinstance(event, (c.RunSubmitted, c.RunRestored)):
+                # A run's tasks are built in one burst (100,000 at a time): the cyclic GC
+                # would rescan the growing heap over and over, doubling the time.
+                with gc_paused():
+                    commands = self.core.handle(event)
+            else:
                 commands = self.core.handle(event)
-        else:
-            commands = self.core.handle(event)
+        except Exception as e:
+            # A bug of ours. The event's changes may be half made: nothing of them is
+            # stored or sent, the entries before it are committed, and a restart rebuilds
+            # the scheduler from the journal.
+            self._broken = True
+            log.critical("the scheduler could not apply %s; stopping (a restart resumes "
+                         "every run from the state DB)", type(event).__name__, exc_info=True)
+            self._fail(e)
+            self._dirty.set()
+            return
         for cmd in commands:
             if isinstance(cmd, c.Journal):
                 self._records.append(cmd)
@@ -326,7 +380,7 @@ class Dispatcher:
         """Return once everything fed so far is committed to the state DB (StateError if
         the state DB failed)."""
         if self.failed is not None:
-            raise StateError(f"cannot write the state database: {self.failed}")
+            raise StateError(f"the dispatcher is stopping: {self.failed}")
         done = asyncio.get_running_loop().create_future()
         self._stored.append(done)
         self._dirty.set()
@@ -338,10 +392,9 @@ class Dispatcher:
             stored, self._stored = self._stored, []
             self._records, self._sends = [], []
             if records:
-                assert self.store is not None
                 t0 = time.perf_counter()
                 try:
-                    await self.store.write(records)
+                    await self._write(records)
                 except BaseException:
                     self._stored[:0] = stored  # the flush loop fails them all
                     raise
@@ -367,6 +420,61 @@ class Dispatcher:
                 await asyncio.sleep(0)
                 self._publish(records)
 
+    async def _write(self, records: list[c.Journal]) -> None:
+        """Commit, trying again with backoff while the state DB holds it up (another
+        process's lock, a full disk). Meanwhile the dispatcher serves on: heartbeats are
+        heard, new events queue behind, and nothing behind these entries is sent."""
+        assert self.store is not None
+        delay = 0.05
+        began = self._writing_since = time.monotonic()
+        warned = False
+        try:
+            while True:
+                try:
+                    await self.store.write(records)
+                    break
+                except StateBusy as e:
+                    waited = time.monotonic() - began
+                    if not warned:
+                        warned = True
+                        log.warning("the state DB holds up a commit (%s): %s; %d entries "
+                                    "wait, retrying", e.why, e, len(records))
+                    log.debug("commit held up for %.1f s: %s", waited, e)
+                    if e.why == "disk full":
+                        await self.store.reclaim()
+                    if waited > STATE_GIVE_UP:
+                        raise StateError(f"{e} (for {waited:.0f} s; giving up)") from e
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, COMMIT_BACKOFF_MAX)
+            if warned:
+                log.warning("the state DB takes commits again after %.1f s",
+                            time.monotonic() - began)
+        finally:
+            self._writing_since = None
+
+    @property
+    def state_stalled(self) -> float:
+        """Seconds the commit in flight has been waiting, once that is over a second (a
+        lock held elsewhere, a full or slow disk); 0 otherwise."""
+        since = self._writing_since
+        waited = 0.0 if since is None else time.monotonic() - since
+        return waited if waited >= 1.0 else 0.0
+
+    async def _watch_state(self) -> None:
+        """Notice within a second a state DB file deleted or replaced under us: writing on
+        into a file nobody can open again would lose every run at the next restart."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(STATE_WATCH)
+            now = self.store.identity
+            if now != self._db_identity:
+                what = "deleted" if now is None else "replaced by another file"
+                log.critical("the state DB %s was %s under the running dispatcher; stopping "
+                             "(restore it, or start a dispatcher on a new one)",
+                             self.db_path, what)
+                self._fail(StateError(f"{self.db_path}: {what} while in use"))
+                return
+
     async def _flush_loop(self) -> None:
         try:
             while not self._closing:
@@ -376,13 +484,10 @@ class Dispatcher:
             await self._flush()
         except Exception as e:  # the state DB failed: stop rather than act unrecorded
             log.critical("cannot write the state database: %s", e)
-            self.failed = e
             for waiter in self._stored:  # nothing more will be stored: do not wait forever
                 if not waiter.done():
                     waiter.set_exception(StateError(f"cannot write the state database: {e}"))
-            self.stopped.set()
-            if self._server is not None:
-                self._server.close()  # every peer sees the dispatcher go
+            self._fail(e)
 
     async def _tick_loop(self) -> None:
         assert self.core is not None
@@ -445,6 +550,11 @@ class Dispatcher:
             ("swarm_dispatcher_stalls_total", "Times the dispatcher itself stalled and gave "
              "every node a fresh grace period.", core.stalls if core else 0),
         ]
+
+    def gauges(self) -> list[tuple[str, str, float]]:
+        return [("swarm_state_db_stalled_seconds", "Seconds the state DB has been holding up "
+                 "commits (a lock held by another process, a full disk); 0 when it is not.",
+                 round(self.state_stalled, 3))]
 
     def node_secret(self, node_id: str) -> bytes:
         """A node's secret, derived from the DB's node key: nothing per node to store, and

@@ -13,6 +13,8 @@
     ├── RequestRefused             the dispatcher understood and said no
     ├── BackendError               a backend could not be started or checked
     └── StateError                 the state database is unusable (wrong schema, corrupt)
+        ├── StateLocked            another dispatcher holds it: exit code 2
+        └── StateBusy              a commit to retry: locked by another process, disk full
 """
 
 from __future__ import annotations
@@ -100,3 +102,18 @@ class BackendError(SwarmError):
 
 class StateError(SwarmError):
     exit_code = 2  # a --db / state_db_path that is not a swarm database is bad input
+
+
+class StateLocked(StateError):
+    """Another dispatcher holds the state DB."""
+
+    exit_code = 2
+
+
+class StateBusy(StateError):
+    """A commit that may succeed if tried again (a lock, a full or failing disk); nothing
+    of it was stored."""
+
+    def __init__(self, message: str, why: str) -> None:
+        super().__init__(message)
+        self.why = why

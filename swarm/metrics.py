@@ -59,7 +59,8 @@ def counter(name: str, help: str, value: float) -> list[str]:
 
 def render(snapshot: Mapping[str, Any], runs_by_state: Mapping[str, int],
            histograms: Iterable[Histogram], uptime: float, version: str,
-           counters: Iterable[tuple[str, str, float]] = ()) -> str:
+           counters: Iterable[tuple[str, str, float]] = (),
+           gauges: Iterable[tuple[str, str, float]] = ()) -> str:
     """The whole /metrics page from the scheduler's snapshot and the DB's run counts."""
     nodes = snapshot["nodes"]
     lines = gauge("swarm_info", "Dispatcher version.", {version: 1}, label="version")
@@ -75,6 +76,8 @@ def render(snapshot: Mapping[str, Any], runs_by_state: Mapping[str, int],
     lines += gauge("swarm_runs", "Runs in the state DB by status.", runs_by_state)
     for name, help, value in counters:
         lines += counter(name, help, value)
+    for name, help, value in gauges:
+        lines += gauge(name, help, value)
     for h in histograms:
         lines += h.render()
     return "\n".join(lines) + "\n"

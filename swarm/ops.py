@@ -200,7 +200,7 @@ class Operations:
             text = metrics.render(self.d.core.snapshot(), await self.d.store.runs_by_status(),
                                   (self.d.dispatch_latency, self.d.journal_latency),
                                   time.time() - self.d._started, __version__,
-                                  self.d.counters())
+                                  self.d.counters(), self.d.gauges())
             return _response(200, text, "text/plain; version=0.0.4; charset=utf-8")
         return None
 

@@ -9,10 +9,12 @@ updates of each row merged into one statement, then the journal rows in order.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
 import secrets
+import socket
 import sqlite3
 import statistics
 import time
@@ -24,17 +26,16 @@ from typing import Any
 import aiosqlite
 
 from .core import Journal, TaskRecord
-from .errors import StateError
+from .errors import StateBusy, StateError, StateLocked
 
 log = logging.getLogger("swarm.state")
 
 SCHEMA_VERSION = 2  # 2: random attempt tokens (rows keyed by `id`), tasks.node_id
 DEFAULT_DURATION_MS = 1000.0  # expected duration of a symbol with no history at all
-# A group commit of this many journal entries or fewer runs on the event loop's own
-# thread: the hop to the writer thread and back costs about what such a commit costs
-# (~0.2 ms with its fsync), so there is nothing to overlap. Busy times make bigger
-# batches, which go to the writer thread while the loop reads the next frames.
-INLINE_COMMIT = 8
+# SQLite's primary result codes of a write that may succeed if tried again: another
+# process holds a lock (BUSY, LOCKED), the disk is full (FULL) or failed (IOERR).
+RETRYABLE_CODES = {5: "locked by another process", 6: "locked",
+                   13: "disk full", 10: "I/O error"}
 DURATIONS_TTL = 5.0  # seconds a workflow's expected durations are reused
 DURATIONS_KEPT = 64  # workflows whose expected durations are kept
 
@@ -263,11 +264,6 @@ class _Writer:
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
-    def call_here(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run on the caller's thread. Only between calls: the writer does one at a time."""
-        assert self._con is not None
-        return fn(self._con)
-
     async def open(self, path: str, synchronous: str) -> None:
         def connect() -> None:
             try:
@@ -295,7 +291,9 @@ class _Writer:
 def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    con.execute("PRAGMA busy_timeout=5000")
+    # Short: a commit held up by another process's lock is tried again by the dispatcher,
+    # which says so after the first wait (swarm.dispatcher._write).
+    con.execute("PRAGMA busy_timeout=1000")
     version = SCHEMA_VERSION
     if con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
                    ).fetchone() is not None:
@@ -398,13 +396,52 @@ def _commit(con: sqlite3.Connection, batch: _Batch) -> None:
         raise
 
 
+def _lock(path: str) -> int:
+    """One dispatcher per state DB: an exclusive flock on `PATH.lock`, held as long as the
+    process lives (the kernel drops it with the process, so a `kill -9` leaves no stale
+    lock). It names its holder for whoever is refused. Readers take no lock."""
+    lock_path = path + ".lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        since = holder.get("since")
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if isinstance(
+            since, (int, float)) else "an unknown time"
+        raise StateLocked(
+            f"{path}: in use by another dispatcher (host {holder.get('host', '?')}, PID "
+            f"{holder.get('pid', '?')}, since {when}); stop it first, or use another --db"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                              "since": time.time()}).encode(), 0)
+    return fd
+
+
+def _classify(path: str, e: sqlite3.Error) -> StateError:
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    if isinstance(e, sqlite3.OperationalError) and code in RETRYABLE_CODES:
+        return StateBusy(f"{path}: {e}", RETRYABLE_CODES[code])
+    return StateError(f"{path}: cannot write the state database: {e}")
+
+
 class Store:
     """The state DB. Open with `await Store.open(path)`; all writes go through `write()`,
     reads through a second, read-only connection (WAL lets both work at once)."""
 
-    def __init__(self, db: aiosqlite.Connection, writer: _Writer, path: str) -> None:
+    def __init__(self, db: aiosqlite.Connection, writer: _Writer | None, path: str,
+                 lock: int = -1) -> None:
         self._db = db
         self._writer = writer
+        self._lock = lock
         self.path = path
         self.write_seconds = 0.0  # total time spent committing, for metrics
         self.writes = 0
@@ -414,13 +451,19 @@ class Store:
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], synchronous: str = "FULL") -> Store:
+        """The store a dispatcher writes: it holds the DB's lock until `close()`
+        (StateLocked if another dispatcher has it)."""
         p = str(path)
         if p == ":memory:":
             raise StateError("the state database must be a file (readers and the writer "
                              "share it)")
-        writer = _Writer()
         try:
             Path(p).parent.mkdir(parents=True, exist_ok=True)
+            lock = _lock(p)
+        except OSError as e:
+            raise StateError(f"{p}: cannot open state database: {e}") from None
+        writer = _Writer()
+        try:
             created = _create_private(p)
             await writer.open(p, synchronous)
             _check_private(p, created)
@@ -428,15 +471,43 @@ class Store:
             await db.execute("PRAGMA query_only=ON")
         except BaseException as e:
             await writer.close()
+            os.close(lock)
             if isinstance(e, (sqlite3.Error, OSError)):
                 raise StateError(f"{p}: cannot open state database: {e}") from None
             raise
         db.row_factory = sqlite3.Row
-        return cls(db, writer, p)
+        return cls(db, writer, p, lock)
+
+    @classmethod
+    async def open_readonly(cls, path: str | os.PathLike[str]) -> Store:
+        """A store to read from, beside a running dispatcher (no lock, no writes)."""
+        p = str(path)
+        if not Path(p).is_file():
+            raise StateError(f"{p}: no such state database")
+        try:
+            db = await aiosqlite.connect(f"file:{Path(p).resolve()}?mode=ro", uri=True,
+                                         isolation_level=None)
+        except sqlite3.Error as e:
+            raise StateError(f"{p}: cannot open state database: {e}") from None
+        db.row_factory = sqlite3.Row
+        return cls(db, None, p)
+
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """The DB file's (device, inode) now; None if it is gone."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
 
     async def close(self) -> None:
         await self._db.close()
-        await self._writer.close()
+        if self._writer is not None:
+            await self._writer.close()
+        if self._lock >= 0:
+            os.close(self._lock)  # the lock goes with it
+            self._lock = -1
 
     async def write(self, entries: Iterable[Journal]) -> None:
         """Commit a batch of journal entries in one transaction (group commit)."""
@@ -445,13 +516,27 @@ class Store:
             _apply(b, e)
         if not b.events:
             return
+        if self._writer is None:
+            raise StateError(f"{self.path}: opened read-only")
         t0 = time.perf_counter()
-        if len(b.events) <= INLINE_COMMIT:
-            self._writer.call_here(lambda con: _commit(con, b))
-        else:
+        # Always on the writer's thread: a commit waits for its fsync, and for a lock that
+        # another process holds (busy_timeout); the event loop must go on meanwhile.
+        try:
             await self._writer.call(lambda con: _commit(con, b))
+        except sqlite3.Error as e:
+            raise _classify(self.path, e) from e
         self.write_seconds += time.perf_counter() - t0
         self.writes += 1
+
+    async def reclaim(self) -> None:
+        """Try to give back the WAL's space (a checkpoint that truncates it): on a full disk
+        the WAL may be what fills it. Best effort; errors are the caller's next retry's."""
+        if self._writer is None:
+            return
+        try:
+            await self._writer.call(lambda con: con.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        except sqlite3.Error as e:
+            log.debug("checkpoint to reclaim space failed: %s", e)
 
     # --- reads ------------------------------------------------------------------------
 

@@ -3,12 +3,13 @@ the writer's; either way a batch is stored whole or not at all."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from swarm import state
+from swarm.errors import StateBusy, StateError, StateLocked
 from swarm.events import Journal
 from swarm.state import Store
 
@@ -25,8 +26,8 @@ def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
         return con.execute(sql).fetchall()
 
 
-@pytest.mark.parametrize("size", [1, state.INLINE_COMMIT, state.INLINE_COMMIT + 1, 500])
-async def test_a_batch_is_stored_whole_on_either_path(tmp_path: Path, size: int) -> None:
+@pytest.mark.parametrize("size", [1, 8, 9, 500])
+async def test_a_batch_is_stored_whole_whatever_its_size(tmp_path: Path, size: int) -> None:
     store = await Store.open(tmp_path / "s.db")
     try:
         await store.write([node_joined(i) for i in range(size)])
@@ -38,9 +39,10 @@ async def test_a_batch_is_stored_whole_on_either_path(tmp_path: Path, size: int)
             "workflow": "w", "version": "1", "hash": "h", "on_failure": "rollback",
             "mode": "rolling", "manifest": {"symbols": [{"name": "a", "dispatch": "internal"}]}})
         bad = [started, started]  # the same run twice: the second insert fails
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(StateError, match="UNIQUE constraint failed") as failed:
             await store.write([*(node_joined(i) for i in range(size, 2 * size)), *bad,
                                *(node_joined(i) for i in range(2 * size, 3 * size))])
+        assert not isinstance(failed.value, StateBusy)  # not worth trying again
         assert rows(tmp_path / "s.db", "SELECT COUNT(*) FROM nodes") == [(size,)]
         assert rows(tmp_path / "s.db", "SELECT COUNT(*) FROM runs") == [(0,)]
         await store.write([node_joined(3 * size)])  # and the store goes on
@@ -104,3 +106,42 @@ async def test_a_node_that_leaves_and_rejoins_in_one_commit_is_connected(
         await store.close()
     assert rows(tmp_path / "s.db", "SELECT status, joined_at, left_at FROM nodes") == [
         ("connected", 2.0, None)]
+
+
+async def test_one_writer_per_state_db_and_readers_beside_it(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    first = await Store.open(db)
+    try:
+        with pytest.raises(StateLocked, match=rf"in use by another dispatcher \(host .*, PID "
+                                              rf"{os.getpid()}, since 20"):
+            await Store.open(db)
+        await first.write([node_joined(1)])
+        reader = await Store.open_readonly(db)  # report, backup, plan --db: no lock needed
+        try:
+            assert (await reader.counts())["nodes"] == 1
+            with pytest.raises(StateError, match="read-only"):
+                await reader.write([node_joined(2)])
+        finally:
+            await reader.close()
+    finally:
+        await first.close()
+    second = await Store.open(db)  # the lock went with the first
+    await second.close()
+
+
+async def test_a_commit_blocked_by_another_process_is_reported_as_worth_retrying(
+        tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "s.db")
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    try:
+        await store._writer.call(lambda con: con.execute("PRAGMA busy_timeout=50"))
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StateBusy) as busy:
+            await store.write([node_joined(1)])
+        assert busy.value.why == "locked by another process"
+        other.execute("COMMIT")
+        await store.write([node_joined(1)])  # the same batch, once the lock is gone
+        assert rows(tmp_path / "s.db", "SELECT COUNT(*) FROM nodes") == [(1,)]
+    finally:
+        other.close()
+        await store.close()
