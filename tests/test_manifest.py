@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
