@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..model import DISPATCHES
+from . import contain
+from .contain import Containment
 from .internal import (
     HandlerFailure,
     handler,
@@ -33,6 +35,7 @@ from .process import Invocation, Outcome, build_argv, run_process
 
 __all__ = [
     "Backends",
+    "Containment",
     "HandlerFailure",
     "Invocation",
     "Outcome",
@@ -104,6 +107,7 @@ class Backends:
         self._ready: dict[str, _Ready] = {}
         self._reasons: dict[str, str | None] = {}
         self._versions: dict[str, str] = {}
+        self._containers: contain.Containers | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Backends:
@@ -118,6 +122,19 @@ class Backends:
     def versions(self) -> dict[str, str]:
         """First line of each usable subprocess backend's version output."""
         return dict(self._versions)
+
+    def contain(self, mode: str | None = None) -> Containment:
+        """From now on, nothing an attempt starts outlives it, nor this process (once per
+        process; `close()` ends it). `mode` "subreaper" forces the fallback."""
+        if self._containers is None:
+            self._containers = contain.start(mode)
+        return self._containers.info
+
+    def close(self) -> None:
+        """Kill what attempts left behind and stop the watchdog of `contain()`."""
+        if self._containers is not None:
+            self._containers.close()
+            self._containers = None
 
     async def check(self) -> dict[str, str | None]:
         """Health-check every backend: name -> None if usable, else the reason it is not.
@@ -203,14 +220,23 @@ class Backends:
         except (TypeError, ValueError) as e:
             return _refused(f"parameters are not JSON: {e}")
         b = self._config.backends
-        return await run_process(
-            argv,
-            stdin=document,
-            env={**os.environ, **inv.environment()},
-            timeout_ms=effective_timeout(inv.timeout_ms, ready.timeout),
-            output_cap=b.output_cap,
-            kill_grace_ms=b.kill_grace,
-        )
+        try:
+            cage = self._containers.cage() if self._containers is not None else None
+        except OSError as e:
+            return Outcome(ok=False, output="", error=f"cannot create the attempt's cgroup: {e}")
+        try:
+            return await run_process(
+                argv,
+                stdin=document,
+                env={**os.environ, **inv.environment(), **(cage.environment() if cage else {})},
+                timeout_ms=effective_timeout(inv.timeout_ms, ready.timeout),
+                output_cap=b.output_cap,
+                kill_grace_ms=b.kill_grace,
+                cage=cage,
+            )
+        finally:
+            if cage is not None:
+                cage.release()
 
 
 def _refused(error: str) -> Outcome:
