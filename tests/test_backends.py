@@ -464,7 +464,7 @@ async def test_cancel_kills_a_grandchild_that_left_the_group(
     await contained.grandchild_gone()
 
 
-async def test_success_kills_the_grandchild_and_removes_the_attempt_cgroup(
+async def test_success_kills_the_grandchild_and_empties_the_attempt_cgroup(
     contained: ContainedCase,
 ) -> None:
     await contained.backends.check()
@@ -473,11 +473,14 @@ async def test_success_kills_the_grandchild_and_removes_the_attempt_cgroup(
     assert out.ok and out.output == {"leader": "done"}
     assert time.monotonic() - started < 5  # its open stdout did not keep us waiting
     await contained.grandchild_gone()
-    if contained.info.mechanism == "cgroup":
+    if contained.info.mechanism == "cgroup":  # kept, empty, for the next attempt
         where = contained.info.where
-        await wait_until(lambda: os.listdir(where) == [] or not any(
-            os.path.isdir(os.path.join(where, d)) for d in os.listdir(where)),
-            "the attempt's cgroup to be removed")
+        await wait_until(lambda: not contain._cgroup_pids(where), "the cgroups to be empty")
+        out = await contained.backends.run(make_inv(parameters={
+            "pidfile": str(contained.pidfile) + "2", "escape": "double", "leader": "exit"}))
+        assert out.ok
+        await wait_until(lambda: not contain._cgroup_pids(where), "the cgroups to be empty")
+        assert os.listdir(where).count("1") == 1 and "2" not in os.listdir(where)
 
 
 def test_the_backend_runs_in_an_attempt_cgroup_and_the_worker_does_not(

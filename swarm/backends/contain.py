@@ -212,7 +212,11 @@ def _environ_tag(pid: int) -> str | None:
 
 
 def own_children() -> list[int]:
-    """Pids whose parent is this process (any of its threads)."""
+    """Pids whose parent is this process's main thread: orphans are reparented to the
+    first live thread of their subreaper, the main one while the worker runs."""
+    pid = os.getpid()
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
     pids: list[int] = []
     try:
         tids = os.listdir("/proc/self/task")
@@ -292,33 +296,57 @@ def _first_step_inside(
 # --- per attempt ---------------------------------------------------------------------------
 
 
+class _Cgroup:
+    """An attempt cgroup, its files kept open: it is reused once found empty, because
+    mkdir + rmdir + opening its files cost more than the rest of the containment."""
+
+    def __init__(self, path: str) -> None:
+        os.mkdir(path)
+        self.path = path
+        self.procs = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        self.events = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+
+    def empty(self) -> bool:
+        try:
+            return b"populated 0" in os.pread(self.events, 256, 0)
+        except OSError:
+            return not os.path.isdir(self.path)
+
+    def close(self) -> None:
+        for fd in (self.procs, self.events):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Cage:
     """One attempt's containment: where its backend starts and how its leftovers die."""
 
-    def __init__(self, owner: Containers, n: int) -> None:
+    def __init__(self, owner: Containers, n: int, group: _Cgroup | None) -> None:
         self._owner = owner
-        self.n = n
-        info = owner.info
-        self.path = os.path.join(info.where, str(n)) if info.mechanism == "cgroup" else ""
+        self.group = group
         self.tag = f"{owner.key}:{n}"
         self.leader = 0
-        if self.path:
-            os.mkdir(self.path)
+        self.clean = False  # the leader has exited and nothing of the attempt is left
+
+    @property
+    def path(self) -> str:
+        return self.group.path if self.group is not None else ""
 
     def environment(self) -> dict[str, str]:
         """Variables to add to the backend's environment (the fallback's tag)."""
-        return {} if self.path else {TAG: self.tag}
+        return {} if self.group is not None else {TAG: self.tag}
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
         """Wrap `loop.subprocess_exec(...)` so that the child starts inside the cage."""
-        if not self.path:
+        group = self.group
+        if group is None:
             return self._note_leader(coro)
-        procs = os.path.join(self.path, "cgroup.procs")
-        own = self._owner.own_procs
+
+        def enter() -> None:
+            os.write(group.procs, b"0")  # "0": the writing process, i.e. the worker
 
         async def inside() -> T:
-            return await _first_step_inside(coro, lambda: _write(procs, b"0"),
-                                            lambda: self._owner.come_back(own))
+            return await _first_step_inside(coro, enter, self._owner.come_back)
 
         return inside()
 
@@ -329,38 +357,36 @@ class Cage:
         self._owner.leaders.add(self.leader)
         return started
 
-    def kill(self) -> None:
-        """SIGKILL all that is left of the attempt, wherever it went (no waiting)."""
-        if self.path:
-            kill_cgroup(self.path)
-        else:
-            self._owner.reap_tagged(lambda tag: tag == self.tag)
+    def kill(self, leader_exited: bool = False) -> None:
+        """SIGKILL all that is left of the attempt, wherever it went (no waiting). Once the
+        leader has exited, an empty cage is only noted as clean: nothing to kill."""
+        if self.clean:
+            return
+        if self.group is not None:
+            if leader_exited and self.group.empty():
+                self.clean = True
+            else:
+                kill_cgroup(self.group.path)
+            return
+        found = self._owner.reap_tagged(lambda tag: tag == self.tag)
+        self.clean = leader_exited and not found
 
     def release(self) -> None:
-        """Kill what is left and remove the cage; what does not die at once is finished by
-        a background task of the worker (bounded by REAP_S)."""
+        """The attempt is over: kill what is left and give the cage back; what does not die
+        at once is finished by a background task of the worker (bounded by REAP_S)."""
         self._owner.leaders.discard(self.leader)
-        self.kill()
-        if self.path:
-            try:
-                os.rmdir(self.path)
-                return
-            except OSError:
-                pass  # members still exiting
-        self._owner.finish_later(self)
+        self.kill(leader_exited=True)
+        if self.clean:
+            self._owner.give_back(self)
+        else:
+            self._owner.finish_later(self)
 
     def gone(self) -> bool:
-        """True once nothing of the attempt is left (and its cgroup is removed)."""
-        if self.path:
-            try:
-                os.rmdir(self.path)
-            except FileNotFoundError:
-                return True
-            except OSError:
-                kill_cgroup(self.path)
-                return False
-            return True
-        return not self._owner.reap_tagged(lambda tag: tag == self.tag)
+        """True once nothing of the attempt is left (then the cage is given back)."""
+        self.kill(leader_exited=True)
+        if self.clean:
+            self._owner.give_back(self)
+        return self.clean
 
 
 # --- per worker ----------------------------------------------------------------------------
@@ -376,23 +402,35 @@ class Containers:
         self._watchdog = watchdog
         self._pipe = pipe  # write end; closing it (or dying) tells the watchdog to act
         self._count = 0
-        self.own_procs = os.path.join(os.path.dirname(info.where), "cgroup.procs") \
-            if info.where else ""
+        self._own = -1  # the worker's own cgroup.procs, to come back to after each spawn
+        if info.where:
+            own_procs = os.path.join(os.path.dirname(info.where), "cgroup.procs")
+            self._own = os.open(own_procs, os.O_WRONLY | os.O_CLOEXEC)
+        self._free: list[_Cgroup] = []  # empty attempt cgroups, ready for the next attempt
         self.leaders: set[int] = set()  # subreaper: backends now running, not orphans
         self._killed: dict[int, str] = {}  # tagged orphans signalled, not yet reaped
         self._later: set[asyncio.Task[None]] = set()
 
     def cage(self) -> Cage:
-        """A new cage for one attempt (cgroup: created now)."""
+        """A cage for one attempt (cgroup: an empty one, created if none is free)."""
         self._count += 1
-        return Cage(self, self._count)
+        group = None
+        if self.info.where:
+            group = self._free.pop() if self._free else \
+                _Cgroup(os.path.join(self.info.where, str(self._count)))
+        return Cage(self, self._count, group)
 
-    def come_back(self, own_procs: str) -> None:
+    def give_back(self, cage: Cage) -> None:
+        if cage.group is not None:
+            self._free.append(cage.group)
+            cage.group = None  # a cage is given back once
+
+    def come_back(self) -> None:
         """Move the worker back into its own cgroup; staying in a cage would get it killed
         with the attempt, so a failure here is retried and then fatal."""
         for _ in range(3):
             try:
-                _write(own_procs, b"0")
+                os.write(self._own, b"0")
                 return
             except OSError as e:
                 error = e
@@ -402,9 +440,10 @@ class Containers:
     def reap_tagged(self, match: Callable[[str], bool]) -> bool:
         """Subreaper: SIGKILL the worker's children whose tag matches and reap those
         already dead; True while some signalled ones are not reaped yet."""
+        watchdog = self._watchdog.pid if self._watchdog is not None else 0
         reaped = True
         while reaped:  # a reaped orphan's own children have just been reparented to us
-            orphans = [p for p in own_children() if p not in self.leaders]
+            orphans = [p for p in own_children() if p not in self.leaders and p != watchdog]
             self._killed.update(kill_tagged(orphans, match))
             reaped = False
             for pid in list(self._killed):
@@ -441,8 +480,13 @@ class Containers:
         for task in self._later:
             task.cancel()
         if self.info.mechanism == "cgroup":
+            for group in self._free:
+                group.close()
+            self._free.clear()
             kill_cgroup(self.info.where)
             remove_cgroup_tree(self.info.where, REAP_S)
+            with contextlib.suppress(OSError):
+                os.close(self._own)
         else:
             deadline = time.monotonic() + REAP_S
             while self.reap_tagged(lambda tag: tag.startswith(self.key + ":")):

@@ -168,7 +168,7 @@ def _kill_all(pgid: int, proto: _Capture) -> None:
     """SIGKILL the group, and what left it if the attempt runs in a cage."""
     _killpg(pgid, signal.SIGKILL)
     if proto.cage is not None:
-        proto.cage.kill()
+        proto.cage.kill(leader_exited=proto.exited.done())
 
 
 async def _spawn(
