@@ -511,6 +511,10 @@ def start(mode: str | None = None) -> Containers:
     key = process_key(os.getpid())
     info = _choose(mode, key)
     if info.mechanism == "subreaper":
+        # Leftovers of workers that died with their watchdog: their tag names a dead key.
+        stale = kill_tagged(all_pids(), lambda tag: not _key_alive(tag.split(":", 1)[0]))
+        if stale:
+            log.info("killed %d processes left by dead workers", len(stale))
         why = _set_child_subreaper()
         if why:
             log.warning("cannot become a child subreaper (%s): leftovers of an attempt "
