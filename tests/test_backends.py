@@ -510,6 +510,29 @@ def test_the_backend_runs_in_an_attempt_cgroup_and_the_worker_does_not(
     assert not os.path.exists(where)  # close() removed the worker's cgroup folder
 
 
+async def test_two_workers_in_one_process_are_contained_apart(tmp_path: Path) -> None:
+    # `swarm run` holds its local workers in one process: one's exit must not end another's.
+    first = Backends.from_config(backends_config(rust=escaper(tmp_path / "escaper")))
+    second = Backends.from_config(backends_config(rust=tmp_path / "escaper"))
+    try:
+        a, b = first.contain(), second.contain()
+        if a.mechanism != "cgroup":
+            pytest.skip(f"no cgroup v2 here: {a.why}")
+        assert b.mechanism == "cgroup" and a.where != b.where
+        first.close()
+        assert not os.path.exists(a.where) and os.path.isdir(b.where)
+        await second.check()
+        pidfile = tmp_path / "grandchild.pid"
+        params = {"pidfile": str(pidfile), "escape": "setsid", "leader": "exit"}
+        assert (await second.run(make_inv(parameters=params))).ok
+        grandchild = read_pid(pidfile)
+        await wait_until(lambda: not pid_alive(grandchild), "the grandchild to die")
+    finally:
+        first.close()
+        second.close()
+        kill_if_alive(tmp_path / "grandchild.pid", tmp_path / "escaper")
+
+
 async def test_leftover_cgroups_of_dead_workers_are_removed_at_start(tmp_path: Path) -> None:
     probe = Backends.from_config(backends_config())
     info = probe.contain()

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -44,9 +45,10 @@ from typing import Any, TypeVar, cast
 log = logging.getLogger("swarm.backends")
 
 TAG = "SWARM_CONTAIN"  # environment variable marking a backend and all it starts
-PREFIX = "swarm-"  # a worker's cgroup folder: swarm-<pid>-<start time>
+PREFIX = "swarm-"  # a worker's cgroup folder: swarm-<pid>-<start time>-<n>
 REAP_S = 10.0  # how long the end of an attempt may take to see its processes gone
 _PR_SET_CHILD_SUBREAPER = 36
+_instances = itertools.count(1)
 
 T = TypeVar("T")
 
@@ -77,9 +79,10 @@ def process_key(pid: int) -> str:
 
 
 def _key_alive(key: str) -> bool:
-    pid = int(key.split("-", 1)[0])
+    """Whether the process of a containment key (`pid-starttime-n`) still runs."""
     try:
-        return process_key(pid) == key
+        pid, start = key.split("-")[:2]
+        return process_key(int(pid)) == f"{pid}-{start}"
     except (OSError, ValueError, IndexError):
         return False
 
@@ -508,7 +511,8 @@ def start(mode: str | None = None) -> Containers:
 
     `mode` "subreaper" forces the fallback; default: SWARM_CONTAINMENT, else automatic."""
     mode = mode or os.environ.get("SWARM_CONTAINMENT", "auto")
-    key = process_key(os.getpid())
+    # n: `swarm run` may hold several workers in one process, each contained on its own.
+    key = f"{process_key(os.getpid())}-{next(_instances)}"
     info = _choose(mode, key)
     if info.mechanism == "subreaper":
         # Leftovers of workers that died with their watchdog: their tag names a dead key.
