@@ -533,6 +533,27 @@ async def test_two_workers_in_one_process_are_contained_apart(tmp_path: Path) ->
         kill_if_alive(tmp_path / "grandchild.pid", tmp_path / "escaper")
 
 
+@pytest.mark.parametrize("mode", ["auto", "subreaper"])
+async def test_a_spawn_that_begins_after_its_attempt_was_released_does_not_start(
+    tmp_path: Path, mode: str
+) -> None:
+    # Cancelled between scheduling the spawn task and its first step: nothing may start.
+    containers = contain.start(mode)
+    try:
+        cage = containers.cage()
+        marker = tmp_path / "started"
+        start = asyncio.get_running_loop().subprocess_exec(
+            asyncio.SubprocessProtocol, sys.executable, "-c",
+            f"open({str(marker)!r}, 'w').close()")
+        spawn = asyncio.ensure_future(cage.spawn(start))
+        cage.release()
+        with pytest.raises(OSError, match="ended before its backend started"):
+            await spawn
+        assert not marker.exists()
+    finally:
+        containers.close()
+
+
 async def test_leftover_cgroups_of_dead_workers_are_removed_at_start(tmp_path: Path) -> None:
     probe = Backends.from_config(backends_config())
     info = probe.contain()

@@ -273,7 +273,11 @@ def _first_step_inside(
 
     asyncio forks and execs a subprocess in the first step of `loop.subprocess_exec`, so
     this puts the child into whatever cgroup enter() moved the worker to."""
-    enter()
+    try:
+        enter()
+    except BaseException:
+        coro.close()  # never started: nothing to undo
+        raise
     try:
         pending = coro.send(None)
     except StopIteration as stop:
@@ -330,6 +334,7 @@ class Cage:
         self.tag = f"{owner.key}:{n}"
         self.leader = 0
         self.clean = False  # the leader has exited and nothing of the attempt is left
+        self.released = False  # the attempt is over: a spawn not yet begun must not begin
 
     @property
     def path(self) -> str:
@@ -346,6 +351,7 @@ class Cage:
             return self._note_leader(coro)
 
         def enter() -> None:
+            self._refuse_if_released()
             os.write(group.procs, b"0")  # "0": the writing process, i.e. the worker
 
         async def inside() -> T:
@@ -355,10 +361,21 @@ class Cage:
 
     async def _note_leader(self, coro: Coroutine[Any, Any, T]) -> T:
         # Leaders are the worker's children too: knowing them spares reading their environ.
+        try:
+            self._refuse_if_released()
+        except OSError:
+            coro.close()
+            raise
         started = await coro
         self.leader = cast(asyncio.SubprocessTransport, cast(Any, started)[0]).get_pid()
         self._owner.leaders.add(self.leader)
         return started
+
+    def _refuse_if_released(self) -> None:
+        # The spawn runs as a task of its own: its attempt may have been cancelled and
+        # released before that task's first step, and a cage given back is not this one's.
+        if self.released:
+            raise OSError(errno.ECANCELED, "the attempt ended before its backend started")
 
     def kill(self, leader_exited: bool = False) -> None:
         """SIGKILL all that is left of the attempt, wherever it went (no waiting). Once the
@@ -377,6 +394,7 @@ class Cage:
     def release(self) -> None:
         """The attempt is over: kill what is left and give the cage back; what does not die
         at once is finished by a background task of the worker (bounded by REAP_S)."""
+        self.released = True
         self._owner.leaders.discard(self.leader)
         self.kill(leader_exited=True)
         if self.clean:
@@ -426,7 +444,7 @@ class Containers:
     def give_back(self, cage: Cage) -> None:
         if cage.group is not None:
             self._free.append(cage.group)
-            cage.group = None  # a cage is given back once
+            cage.group = None  # given back once; `clean` keeps kill() off it from now on
 
     def come_back(self) -> None:
         """Move the worker back into its own cgroup; staying in a cage would get it killed
