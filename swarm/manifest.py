@@ -44,6 +44,7 @@ __all__ = ["load_manifest", "parse_manifest", "workflow_from_dict"]
 
 _FORMATS = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
 _TOP_KEYS = frozenset(
     {"name", "version", "description", "mode", "on_failure", "resources", "symbols"}
 )
@@ -57,6 +58,16 @@ _SYMBOL_KEYS = _ROLLBACK_KEYS | {
 _RETRY_KEYS = frozenset({"initial_delay", "max_delay", "backoff_factor", "jitter"})
 _SCALARS = {str, int, float, bool, type(None)}
 _SUGGESTION_BUDGET = 20  # difflib over 100,000 names is slow: only the first few get a hint
+
+
+def _name_problem(name: str) -> str:
+    """Why `name` cannot be a symbol name, or "" if it can. Names reach backend command
+    lines (`--symbol NAME`), so one starting with '-' would read as an option there."""
+    if not _NAME.fullmatch(name):
+        return f"invalid name {name!r}: use letters, digits, '_', '.' and '-' only"
+    if name.startswith("-"):
+        return f"invalid name {name!r}: must not start with '-' (it would read as an option)"
+    return ""
 
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -417,10 +428,10 @@ class _Checker:
                 else:
                     first[name] = i
                 if _NAME.fullmatch(name):
-                    label = name
-                else:
-                    msg = f"invalid name {name!r}: use letters, digits, '_', '.' and '-' only"
-                    early.setdefault(i, []).append((msg, self.lines.of(entry, "name")))
+                    label = name  # printable, so problems name it even if it is refused
+                why = _name_problem(name)
+                if why:
+                    early.setdefault(i, []).append((why, self.lines.of(entry, "name")))
             labels.append(label)
 
         built: list[Symbol] = []
@@ -506,8 +517,9 @@ class _Checker:
             self.bad(at, "dependencies", "a rollback has no dependencies of its own")
         self.unknown_keys(at, _ROLLBACK_KEYS | {"dependencies"})
         name = self.string(at, "name") or f"rollback_{owner}"
-        if not _NAME.fullmatch(name):
-            self.bad(at, "name", f"invalid name {name!r}: use letters, digits, '_', '.' and '-'")
+        why = _name_problem(name)
+        if why:
+            self.bad(at, "name", why)
         return RollbackSpec(
             name=name,
             type=self.choice(at, "type", SYMBOL_TYPES, "action"),

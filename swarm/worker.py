@@ -139,15 +139,20 @@ class Worker:
                 log.info("backend %s: not advertised: %s", backend, why)
         if not self.backends.available:
             log.error("worker %s: no backend is available; nothing to advertise", self.name)
-        conn = asyncio.get_running_loop().create_task(self._connect_loop())
-        await self._stopping.wait()
-        await self._drain()
-        conn.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await conn
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await self._ws.close()
+        # Once, before any attempt: how nothing a backend starts outlives it (README).
+        log.info("worker %s: containment: %s", self.name, self.backends.contain().describe())
+        try:
+            conn = asyncio.get_running_loop().create_task(self._connect_loop())
+            await self._stopping.wait()
+            await self._drain()
+            conn.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await conn
+            if self._ws is not None:
+                with contextlib.suppress(Exception):
+                    await self._ws.close()
+        finally:
+            self.backends.close()
         log.info("worker %s: stopped after %d results", self.name, self.completed)
         return 0
 

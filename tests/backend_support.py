@@ -186,3 +186,63 @@ def python_script(path: Path, body: str) -> Path:
     path.write_text(f"#!{sys.executable}\n{body}", encoding="utf-8")
     path.chmod(0o755)
     return path
+
+
+# A backend whose grandchild escapes its process group: it forks, the child calls setsid
+# and (escape "double") forks again and exits, so that the grandchild is an orphan too.
+# The grandchild ignores SIGTERM, keeps stdout and stderr open, and writes its pid to
+# `pidfile` (whole or absent), the backend its own to `pidfile`.leader; the backend then
+# exits (leader "exit") or sleeps.
+ESCAPER = """\
+import json, os, signal, sys, time
+if "--version" in sys.argv:
+    print("escaper 1.0"); sys.exit(0)
+p = json.loads(sys.argv[sys.argv.index("--params") + 1])
+pidfile = p["pidfile"]
+with open(pidfile + ".leader", "w") as f:
+    f.write(str(os.getpid()))
+child = os.fork()
+if child == 0:
+    os.setsid()
+    if p.get("escape") == "double" and os.fork() > 0:
+        os._exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pidfile + ".tmp", pidfile)
+    time.sleep(120)
+    os._exit(0)
+if p.get("escape") == "double":
+    os.waitpid(child, 0)
+deadline = time.monotonic() + 10
+while not os.path.exists(pidfile) and time.monotonic() < deadline:
+    time.sleep(0.005)
+if p.get("leader") == "exit":
+    print(json.dumps({"leader": "done"}))
+    sys.exit(0)
+time.sleep(120)
+"""
+
+
+def escaper(path: Path) -> Path:
+    """ESCAPER as an executable fake backend binary at `path`."""
+    return python_script(path, ESCAPER)
+
+
+def read_pid(pidfile: Path) -> int:
+    return int(pidfile.read_text())
+
+
+def kill_if_alive(pidfile: Path, script: Path) -> None:
+    """Test cleanup: SIGKILL the escaper and its grandchild if a failed containment left
+    them running (only pids that still run `script`: processes this test started)."""
+    import signal
+
+    for path in (pidfile, Path(f"{pidfile}.leader")):
+        try:
+            pid = read_pid(path)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(script).encode() in f.read():
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass

@@ -7,11 +7,12 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,27 @@ import pytest
 from backend_support import (
     PHP_ENGINE,
     PS_ENGINE,
+    REPO,
     backends_config,
+    escaper,
     fake_pwsh,  # noqa: F401 - fixture
+    kill_if_alive,
     php_bin,  # noqa: F401 - fixture
     python_script,
+    read_pid,
     rust_injector_bin,  # noqa: F401 - fixture
 )
 
 import swarm.backends as backends_mod
-from swarm.backends import Backends, HandlerFailure, Invocation, Outcome, internal
+from swarm.backends import (
+    Backends,
+    Containment,
+    HandlerFailure,
+    Invocation,
+    Outcome,
+    contain,
+    internal,
+)
 from swarm.model import DISPATCHES
 
 NO_SUBPROCESS = {"rust_injector": False, "php_engine": False, "powershell_engine": False}
@@ -392,6 +405,239 @@ async def test_cancel_kills_the_process_group_and_propagates(tmp_path: Path) -> 
     leader, grandchild = read_pids(pids)
     await wait_until(lambda: not pid_alive(leader), "the leader to die")
     await wait_until(lambda: not pid_alive(grandchild), "the grandchild to die")
+
+
+# --- containment: what leaves the group (setsid, double fork) dies with the attempt -------
+
+
+@pytest.fixture(params=["cgroup", "subreaper"])
+def contained(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ContainedCase]:
+    """Backends running ESCAPER under each containment mechanism (cgroup: if the host
+    allows one here), closed after the test; the escaped grandchild killed if it lives."""
+    tool = escaper(tmp_path / "escaper")
+    b = Backends.from_config(backends_config(rust=tool, kill_grace=300))
+    info = b.contain(None if request.param == "cgroup" else "subreaper")
+    try:
+        if info.mechanism != request.param:
+            pytest.skip(f"no cgroup v2 here: {info.why}")
+        yield ContainedCase(b, info, tmp_path / "grandchild.pid")
+    finally:
+        b.close()
+        kill_if_alive(tmp_path / "grandchild.pid", tool)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainedCase:
+    backends: Backends
+    info: Containment
+    pidfile: Path
+
+    def inv(self, escape: str, leader: str = "stay", timeout_ms: int = 20_000) -> Invocation:
+        params = {"pidfile": str(self.pidfile), "escape": escape, "leader": leader}
+        return make_inv(parameters=params, timeout_ms=timeout_ms)
+
+    async def grandchild_gone(self) -> None:
+        grandchild = read_pid(self.pidfile)
+        await wait_until(lambda: not pid_alive(grandchild), "the escaped grandchild to die")
+
+
+@pytest.mark.parametrize("escape", ["setsid", "double"])
+async def test_timeout_kills_a_grandchild_that_left_the_group(
+    contained: ContainedCase, escape: str
+) -> None:
+    await contained.backends.check()
+    out = await contained.backends.run(contained.inv(escape, timeout_ms=1500))
+    assert out.timed_out and out.error == "timed out after 1500 ms"
+    await contained.grandchild_gone()
+
+
+@pytest.mark.parametrize("escape", ["setsid", "double"])
+async def test_cancel_kills_a_grandchild_that_left_the_group(
+    contained: ContainedCase, escape: str
+) -> None:
+    await contained.backends.check()
+    task = asyncio.create_task(contained.backends.run(contained.inv(escape)))
+    await wait_until(contained.pidfile.exists, "the grandchild to start")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await contained.grandchild_gone()
+
+
+async def test_success_kills_the_grandchild_and_empties_the_attempt_cgroup(
+    contained: ContainedCase,
+) -> None:
+    await contained.backends.check()
+    started = time.monotonic()
+    out = await contained.backends.run(contained.inv("setsid", leader="exit"))
+    assert out.ok and out.output == {"leader": "done"}
+    assert time.monotonic() - started < 5  # its open stdout did not keep us waiting
+    await contained.grandchild_gone()
+    if contained.info.mechanism == "cgroup":  # kept, empty, for the next attempt
+        where = contained.info.where
+        await wait_until(lambda: not contain._cgroup_pids(where), "the cgroups to be empty")
+        out = await contained.backends.run(make_inv(parameters={
+            "pidfile": str(contained.pidfile) + "2", "escape": "double", "leader": "exit"}))
+        assert out.ok
+        await wait_until(lambda: not contain._cgroup_pids(where), "the cgroups to be empty")
+        assert os.listdir(where).count("1") == 1 and "2" not in os.listdir(where)
+
+
+def test_the_backend_runs_in_an_attempt_cgroup_and_the_worker_does_not(
+    tmp_path: Path,
+) -> None:
+    async def main() -> tuple[str, str, str]:
+        tool = python_script(tmp_path / "where", 'import sys\nif "--version" in sys.argv:'
+                             '\n    print(1); sys.exit(0)\nprint(open("/proc/self/cgroup")'
+                             '.read().strip())')
+        b = Backends.from_config(backends_config(rust=tool))
+        info = b.contain()
+        try:
+            if info.mechanism != "cgroup":
+                pytest.skip(f"no cgroup v2 here: {info.why}")
+            await b.check()
+            out = await b.run(make_inv())
+            with open("/proc/self/cgroup") as f:
+                mine = f.read()
+            return str(out.output), mine, info.where
+        finally:
+            b.close()
+
+    theirs, mine, where = asyncio.run(main())
+    line = next(ln for ln in theirs.splitlines() if ln.startswith("0::"))
+    assert where.endswith(line[3:].rsplit("/", 1)[0])  # <worker's cgroup>/swarm-<key>/<n>
+    assert "swarm-" not in mine  # the worker came back to its own cgroup
+    assert not os.path.exists(where)  # close() removed the worker's cgroup folder
+
+
+async def test_two_workers_in_one_process_are_contained_apart(tmp_path: Path) -> None:
+    # `swarm run` holds its local workers in one process: one's exit must not end another's.
+    first = Backends.from_config(backends_config(rust=escaper(tmp_path / "escaper")))
+    second = Backends.from_config(backends_config(rust=tmp_path / "escaper"))
+    try:
+        a, b = first.contain(), second.contain()
+        if a.mechanism != "cgroup":
+            pytest.skip(f"no cgroup v2 here: {a.why}")
+        assert b.mechanism == "cgroup" and a.where != b.where
+        first.close()
+        assert not os.path.exists(a.where) and os.path.isdir(b.where)
+        await second.check()
+        pidfile = tmp_path / "grandchild.pid"
+        params = {"pidfile": str(pidfile), "escape": "setsid", "leader": "exit"}
+        assert (await second.run(make_inv(parameters=params))).ok
+        grandchild = read_pid(pidfile)
+        await wait_until(lambda: not pid_alive(grandchild), "the grandchild to die")
+    finally:
+        first.close()
+        second.close()
+        kill_if_alive(tmp_path / "grandchild.pid", tmp_path / "escaper")
+
+
+@pytest.mark.parametrize("mode", ["auto", "subreaper"])
+async def test_a_spawn_that_begins_after_its_attempt_was_released_does_not_start(
+    tmp_path: Path, mode: str
+) -> None:
+    # Cancelled between scheduling the spawn task and its first step: nothing may start.
+    containers = contain.start(mode)
+    try:
+        cage = containers.cage()
+        marker = tmp_path / "started"
+        start = asyncio.get_running_loop().subprocess_exec(
+            asyncio.SubprocessProtocol, sys.executable, "-c",
+            f"open({str(marker)!r}, 'w').close()")
+        spawn = asyncio.ensure_future(cage.spawn(start))
+        cage.release()
+        with pytest.raises(OSError, match="ended before its backend started"):
+            await spawn
+        assert not marker.exists()
+    finally:
+        containers.close()
+
+
+async def test_leftover_cgroups_of_dead_workers_are_removed_at_start(tmp_path: Path) -> None:
+    probe = Backends.from_config(backends_config())
+    info = probe.contain()
+    probe.close()
+    if info.mechanism != "cgroup":
+        pytest.skip(f"no cgroup v2 here: {info.why}")
+    own, _ = contain.own_cgroup_dir()
+    dead = os.path.join(own, "swarm-999999999-1")  # no such pid: a worker long gone
+    sleeper = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; "
+                                                   "time.sleep(60)")
+    try:
+        os.makedirs(os.path.join(dead, "7"))
+        with open(os.path.join(dead, "7", "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        b = Backends.from_config(backends_config())
+        b.contain()
+        b.close()
+        assert not os.path.exists(dead)
+        assert await asyncio.wait_for(sleeper.wait(), 10) == -9
+    finally:
+        if sleeper.returncode is None:
+            sleeper.kill()
+            await sleeper.wait()
+        contain.remove_cgroup_tree(dead, 5)
+
+
+@pytest.mark.parametrize("mode", ["cgroup", "subreaper"])
+def test_kill_9_of_the_process_running_backends_kills_their_escaped_grandchildren(
+    tmp_path: Path, mode: str
+) -> None:
+    """The watchdog: a host process killed with SIGKILL still leaves nothing behind."""
+    tool = escaper(tmp_path / "escaper")
+    pidfile = tmp_path / "grandchild.pid"
+    host = python_script(tmp_path / "host", f"""\
+import asyncio, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from backend_support import backends_config
+from swarm.backends import Backends, Invocation
+async def main():
+    b = Backends.from_config(backends_config(rust={str(tool)!r}))
+    info = b.contain({None if mode == "cgroup" else "subreaper"!r})
+    print(info.mechanism, flush=True)
+    await b.check()
+    params = {{"pidfile": {str(pidfile)!r}, "escape": "setsid"}}
+    await b.run(Invocation("r", "t", "s", "action", "generic", "rust_injector", params, 1, 0))
+asyncio.run(main())
+""")
+    proc = subprocess.Popen([str(host)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout is not None
+        mechanism = proc.stdout.readline().strip()
+        if mechanism != mode:
+            pytest.skip(f"no cgroup v2 here (got {mechanism!r})")
+        sync_wait(pidfile.exists, "the grandchild to start")
+        grandchild = read_pid(pidfile)
+        proc.kill()
+        proc.wait(10)
+        sync_wait(lambda: not pid_alive(grandchild), "the escaped grandchild to die")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        kill_if_alive(pidfile, tool)
+
+
+def sync_wait(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_containment_is_described_for_the_startup_log() -> None:
+    cg = Containment("cgroup", "/sys/fs/cgroup/x/swarm-1-2", "cgroup.kill", "")
+    assert cg.describe() == ("cgroup v2 per attempt under /sys/fs/cgroup/x/swarm-1-2 "
+                             "(ended with cgroup.kill)")
+    fb = Containment("subreaper", "", "", "cannot create a cgroup in /sys/fs/cgroup/x")
+    assert fb.describe().startswith("subreaper + SWARM_CONTAIN environment tag (no cgroup v2:")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cg.mechanism = "subreaper"  # type: ignore[misc]
 
 
 # --- health checks -----------------------------------------------------------------------

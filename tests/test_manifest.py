@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -948,3 +951,25 @@ def test_tuples_from_python_callers_count_as_lists() -> None:
     doc["symbols"] = tuple(doc["symbols"])
     w = workflow_from_dict(doc)
     assert w.symbols[0].resources == ("db",) and w.symbols[1].dependencies == ("a",)
+
+
+@pytest.mark.parametrize("name", ["-rf", "--symbol", "-"])
+def test_a_symbol_name_starting_with_a_dash_is_refused_by_name(name: str) -> None:
+    # Names reach backend command lines (`--symbol NAME`): a leading '-' reads as an option.
+    p = problem(document({"name": name, "type": "action"}))
+    assert_at(p, name, "name", f"invalid name {name!r}", "must not start with '-'")
+
+
+def test_a_rollback_name_starting_with_a_dash_is_refused() -> None:
+    p = problem(document({"name": "a", "type": "action", "rollback": {"name": "--help"}}))
+    assert_at(p, "a", "rollback.name", "invalid name '--help'", "must not start with '-'")
+
+
+def test_a_dash_name_in_a_manifest_file_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "wf.yaml"
+    path.write_text("name: wf\nversion: '1'\nsymbols:\n  - {name: -x, type: action}\n")
+    cp = subprocess.run([sys.executable, "-m", "swarm", "validate", str(path)],
+                        capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "PYTHONPATH": str(FIXTURES.parent.parent)})
+    assert cp.returncode == 2, cp.stdout + cp.stderr
+    assert "'-x'" in cp.stdout + cp.stderr and "must not start with '-'" in cp.stdout + cp.stderr

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from ..config import Config, PhpEngineConfig, PowerShellEngineConfig, RustInjectorConfig
 from ..model import DISPATCHES
 from ..secrets import inherited_environment
-from . import wp_praxis
+from . import contain, wp_praxis
+from .contain import Containment
 from .internal import (
     HandlerFailure,
     handler,
@@ -36,6 +37,7 @@ from .process import Invocation, Outcome, build_argv, run_process
 
 __all__ = [
     "Backends",
+    "Containment",
     "HandlerFailure",
     "Invocation",
     "Outcome",
@@ -108,6 +110,7 @@ class Backends:
         self._ready: dict[str, _Ready] = {}
         self._reasons: dict[str, str | None] = {}
         self._versions: dict[str, str] = {}
+        self._containers: contain.Containers | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> Backends:
@@ -122,6 +125,19 @@ class Backends:
     def versions(self) -> dict[str, str]:
         """First line of each usable subprocess backend's version output."""
         return dict(self._versions)
+
+    def contain(self, mode: str | None = None) -> Containment:
+        """From now on, nothing an attempt starts outlives it, nor this process (once per
+        process; `close()` ends it). `mode` "subreaper" forces the fallback."""
+        if self._containers is None:
+            self._containers = contain.start(mode)
+        return self._containers.info
+
+    def close(self) -> None:
+        """Kill what attempts left behind and stop the watchdog of `contain()`."""
+        if self._containers is not None:
+            self._containers.close()
+            self._containers = None
 
     async def check(self) -> dict[str, str | None]:
         """Health-check every backend: name -> None if usable, else the reason it is not.
@@ -226,14 +242,25 @@ class Backends:
         b = self._config.backends
 
         async def runner(argv: list[str], stdin: bytes) -> Outcome:
-            return await run_process(
-                argv,
-                stdin=stdin,
-                env={**inherited_environment(self._config.secrets), **inv.environment()},
-                timeout_ms=effective_timeout(inv.timeout_ms, ready.timeout),
-                output_cap=b.output_cap,
-                kill_grace_ms=b.kill_grace,
-            )
+            try:  # each process an attempt starts is contained (see contain.py)
+                cage = self._containers.cage() if self._containers is not None else None
+            except OSError as e:
+                return Outcome(ok=False, output="",
+                               error=f"cannot create the attempt's cgroup: {e}")
+            try:
+                return await run_process(
+                    argv,
+                    stdin=stdin,
+                    env={**inherited_environment(self._config.secrets), **inv.environment(),
+                         **(cage.environment() if cage else {})},
+                    timeout_ms=effective_timeout(inv.timeout_ms, ready.timeout),
+                    output_cap=b.output_cap,
+                    kill_grace_ms=b.kill_grace,
+                    cage=cage,
+                )
+            finally:
+                if cage is not None:
+                    cage.release()
 
         if settings.adapter == "wp_praxis":
             outcome = await self._run_wp_praxis(settings, ready, inv, document, runner)

@@ -8,7 +8,8 @@ Rules this module keeps (DESIGN §4):
   so a backend printing gigabytes costs no memory;
 - the backend runs in its own session, hence its own process group, and that whole group
   is SIGKILLed before `run_process` returns, whatever happened (success, failure, timeout,
-  cancellation): no grandchild outlives the attempt or keeps our pipes open.
+  cancellation): no grandchild outlives the attempt or keeps our pipes open;
+- with a `cage` (contain.py), what left the group (setsid, double fork) is killed with it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from .contain import Cage
 
 from ..secrets import argv_parameters
 
@@ -128,6 +132,7 @@ class _Capture(asyncio.SubprocessProtocol):
         self._open = {1, 2}
         self.transport: asyncio.SubprocessTransport | None = None
         self.abandoned = False  # nobody awaits this attempt: close the transport on exit
+        self.cage: Cage | None = None  # what the attempt's processes are kept in, if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.SubprocessTransport, transport)
@@ -158,7 +163,7 @@ class _Capture(asyncio.SubprocessProtocol):
         Closing earlier would make asyncio reap the child itself (Popen.poll), racing the
         child watcher ("Unknown child process pid ...")."""
         assert self.transport is not None
-        _killpg(self.transport.get_pid(), signal.SIGKILL)
+        _kill_all(self.transport.get_pid(), self)
         self.abandoned = True
         if self.exited.done():
             self.transport.close()
@@ -170,21 +175,27 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+def _kill_all(pgid: int, proto: _Capture) -> None:
+    """SIGKILL the group, and what left it if the attempt runs in a cage."""
+    _killpg(pgid, signal.SIGKILL)
+    if proto.cage is not None:
+        proto.cage.kill(leader_exited=proto.exited.done())
+
+
 async def _spawn(
     argv: Sequence[str], env: Mapping[str, str] | None, proto: _Capture
 ) -> asyncio.SubprocessTransport:
     loop = asyncio.get_running_loop()
-    spawn = asyncio.ensure_future(
-        loop.subprocess_exec(
-            lambda: proto,
-            *argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
+    start = loop.subprocess_exec(
+        lambda: proto,
+        *argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
     )
+    spawn = asyncio.ensure_future(proto.cage.spawn(start) if proto.cage else start)
     try:
         transport, _ = await asyncio.shield(spawn)
     except asyncio.CancelledError:
@@ -215,7 +226,7 @@ async def _stop(pgid: int, proto: _Capture, grace_s: float) -> None:
     _killpg(pgid, signal.SIGTERM)
     # Pipes at EOF mean no member still holds them; until then someone may be cleaning up.
     await asyncio.wait({proto.exited, proto.closed}, timeout=grace_s)
-    _killpg(pgid, signal.SIGKILL)
+    _kill_all(pgid, proto)
     await asyncio.wait({proto.exited}, timeout=_REAP_S)
 
 
@@ -227,14 +238,17 @@ async def run_process(
     timeout_ms: int = 0,
     output_cap: int = 1 << 20,
     kill_grace_ms: int = 2000,
+    cage: Cage | None = None,
 ) -> Outcome:
     """Run `argv` in a new process group and report how it went.
 
     `timeout_ms` <= 0 means no limit. Raises only CancelledError (after the group is
-    stopped: SIGTERM, then SIGKILL after `kill_grace_ms`).
+    stopped: SIGTERM, then SIGKILL after `kill_grace_ms`). With a `cage`, the backend
+    starts in it and all of it is killed with the group; releasing it is the caller's.
     """
     started = time.monotonic()
     proto = _Capture(output_cap)
+    proto.cage = cage
     try:
         transport = await _spawn(argv, env, proto)
     except (OSError, ValueError) as e:
@@ -259,14 +273,14 @@ async def run_process(
             timed_out = True
             await _stop(pgid, proto, grace_s)
         # The leader is gone: whatever is left in its group is an orphan holding our pipes.
-        _killpg(pgid, signal.SIGKILL)
+        _kill_all(pgid, proto)
         await asyncio.wait({proto.closed}, timeout=max(grace_s, _DRAIN_MIN_S))
     except asyncio.CancelledError:
         await _stop(pgid, proto, grace_s)
         raise
     finally:
         if proto.exited.done():
-            _killpg(pgid, signal.SIGKILL)
+            _kill_all(pgid, proto)
             transport.close()
         else:  # cancelled again while stopping, or a leader stuck in the kernel
             proto.abandon()
