@@ -133,7 +133,7 @@ def test_a_partitioned_worker_is_declared_dead_and_its_late_result_dropped(
                              "kind = 'symbol.completed'", (run_id,))
         assert len(done) == 1 and json.loads(done[0]["data"])["output"] == {"slept_ms": 2500}
         outcomes = [r["outcome"] for r in cluster.query(
-            "SELECT outcome FROM attempts WHERE run_id = ? ORDER BY token", (run_id,))]
+            "SELECT outcome FROM attempts WHERE run_id = ? ORDER BY id", (run_id,))]
         assert outcomes == ["lost", "ok"]
     finally:
         cluster.close()
