@@ -63,8 +63,8 @@ class IllegalTransition(SwarmError):
 class Task:
     __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                  "dependents", "deps", "node", "token", "due", "first_start", "key",
-                 "parent", "orphan", "resources", "requires", "level", "holding", "owner", "blocked",
-                 "wait_due")
+                 "parent", "orphan", "resources", "requires", "level", "holding", "owner",
+                 "blocked", "wait_due")
 
     def __init__(self, run: Run, name: str, kind: str, spec: Symbol | RollbackSpec,
                  parent: Task | None = None) -> None:
