@@ -38,7 +38,7 @@ from .errors import (
 )
 from .model import Workflow
 from .results import (
-    FINAL_RUN_EVENTS,
+    END_EVENTS,
     FINAL_RUN_STATES,
     ProgressTracker,
     RunResult,
@@ -269,8 +269,15 @@ class Client:
         await self.request("cancel", run_id=run_id, rollback=rollback)
 
     async def rollback(self, run_id: str, *, follow: bool = True) -> Run:
-        await self.request("rollback", run_id=run_id, follow=follow)
-        return Run(self, run_id)
+        """Undo a finished run's completed symbols, as a phase of its own: the run keeps
+        its status and end (`RunResult.rollback_status` tells how the rollback ended).
+        With nothing to undo, nothing changes and the handle says so (`nothing_to_undo`,
+        `message`)."""
+        data = await self.request("rollback", run_id=run_id, follow=follow)
+        run = Run(self, run_id)
+        run.nothing_to_undo = bool(data.get("nothing_to_undo"))
+        run.message = str(data.get("message", ""))
+        return run
 
     async def subscribe(self, run_id: str | None = None) -> str:
         """Ask for a run's events (or every event); returns the run's current status."""
@@ -286,7 +293,7 @@ class Client:
                 async for ev in events:
                     if on_event is not None:
                         on_event(ev)
-                    if ev.kind in FINAL_RUN_EVENTS:
+                    if ev.kind in END_EVENTS:
                         break
         finally:
             await events.aclose()
@@ -310,7 +317,7 @@ class Client:
             async for ev in events:
                 tracker.on_event(ev)
                 yield tracker.update(ev)
-                if ev.kind in FINAL_RUN_EVENTS:
+                if ev.kind in END_EVENTS:
                     return
         finally:
             await events.aclose()
@@ -325,6 +332,8 @@ class Run:
         self.run_id = run_id
         self.total = total
         self.attached = attached  # the same manifest was running already: this is that run
+        self.nothing_to_undo = False  # a rollback was asked for and found nothing to undo
+        self.message = ""
 
     def __repr__(self) -> str:
         return f"Run({self.run_id!r})"

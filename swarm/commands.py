@@ -105,12 +105,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with _client(args, cfg, "swarm-rollback") as c:
-            await c.rollback(args.run_id, follow=not args.detach)
+            handle = await c.rollback(args.run_id, follow=not args.detach)
+            if handle.nothing_to_undo:  # an answer, not a failure: nothing changed
+                print(json.dumps({"run_id": args.run_id, "nothing_to_undo": True,
+                                  "message": handle.message}) if args.json else handle.message)
+                return EXIT_OK
             if args.detach:
                 print(args.run_id)
                 return EXIT_OK
             run = await follow(c, args.run_id, args.json)
-            return EXIT_OK if run["status"] == "rolled_back" else EXIT_FAILED
+            # The run keeps its own status; the rollback's outcome is its own.
+            return EXIT_OK if run.get("rollback_status") == "rolled_back" else EXIT_FAILED
 
     return _run(go())
 

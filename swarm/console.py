@@ -121,6 +121,16 @@ def print_run(out: Console, run: dict[str, Any]) -> None:
     elapsed = (run["finished_at"] - run["created_at"]) if run.get("finished_at") else None
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     out.print(f"{_styled(run['status'])}: {total} symbols ({parts}) in {_fmt_duration(elapsed)}")
+    if run.get("rollback_status"):
+        out.print(f"then {_rollback_phase(run)}")
+
+
+def _rollback_phase(run: dict[str, Any]) -> str:
+    """A rollback requested after the run ended: its own status and duration."""
+    end = run.get("rollback_finished_at")
+    took = _fmt_duration(end - run["rollback_requested_at"]) if end else "still running"
+    status = run["rollback_status"]
+    return f"rollback {_styled(status)} ({took})"
 
 
 def print_status(out: Console, s: dict[str, Any]) -> None:
@@ -156,11 +166,15 @@ def print_status(out: Console, s: dict[str, Any]) -> None:
     waiting = s.get("waiting_for_capability", [])
     if waiting:
         w = Table(box=_box(out), title="waiting for capability: no connected worker can run")
-        for col in ("run", "symbol", "backend", "requires"):
+        for col in ("run", "symbol", "backend", "requires", "reason", "fails in"):
             w.add_column(col)
+        now = time.time()
         for x in waiting:
+            due = x.get("due")
             w.add_row(x["run_id"], x["symbol"], x["dispatch"],
-                      ", ".join(f"{k}={v}" for k, v in x["requires"].items()))
+                      ", ".join(f"{k}={v}" for k, v in x["requires"].items()),
+                      x.get("reason", ""),
+                      "-" if due is None else _fmt_duration(max(0.0, due - now)))
         out.print(w)
     out.print("state DB records: " + ", ".join(f"{k} {v}" for k, v in s["db"].items()))
 
@@ -171,7 +185,10 @@ def print_runs(out: Console, runs: list[dict[str, Any]], now: float) -> None:
         t.add_column(col, justify="right" if col in ("done/total", "duration") else "left")
     for r in runs:
         end = r["finished_at"] or now
-        t.add_row(r["run_id"], f"{r['workflow']} {r['version']}", _styled(r["status"]),
+        status = _styled(r["status"])
+        if r.get("rollback_status"):
+            status += f", then {_rollback_phase(r)}"
+        t.add_row(r["run_id"], f"{r['workflow']} {r['version']}", status,
                   f"{r['done']}/{r['total']}",
                   time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
                   _fmt_duration(end - r["created_at"]))
@@ -187,6 +204,8 @@ def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> 
              if rep["finished_at"] else "still running")
     out.print(f"started {started}, ended {ended}; {rep['symbols']} symbols: "
               + ", ".join(f"{n} {s}" for s, n in rep["totals"].items()))
+    if rep.get("rollback_status"):
+        out.print(f"then {_rollback_phase(rep)}")
     t = Table(box=_box(out), title="metrics", show_header=False)
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -228,7 +247,8 @@ def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> 
 
 # Events worth a line while following a run; the rest show in the final table.
 _LINE_EVENTS = {"symbol.failed", "symbol.retrying", "symbol.skipped", "symbol.rolled_back",
-                "rollback.created", "run.halting", "run.rolling_back", "node.lost"}
+                "rollback.created", "run.halting", "run.rolling_back", "node.lost",
+                "symbol.waiting", "run.rollback_requested", "rollback.completed"}
 
 
 def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | None:
@@ -239,6 +259,10 @@ def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | 
     detail = ev.data.get("error") or ev.data.get("reason") or ev.data.get("cause") or ""
     if ev.kind == "symbol.retrying":
         detail = f"{detail}; retry in {ev.data.get('delay', 0):.2f} s"
+    elif ev.kind == "symbol.waiting" and ev.data.get("wait_for_worker") is not None:
+        detail = f"{detail}; fails in {ev.data['wait_for_worker'] / 1000:.2f} s (wait_for_worker)"
+    elif ev.kind == "rollback.completed":
+        detail = f"rollback {ev.data.get('status')}; the run stays {ev.data.get('run_status')}"
     if every and ev.node and ev.symbol:
         who = f"{ev.symbol} on {ev.node}"
     run = f"{ev.run_id} " if with_run and ev.run_id else ""
@@ -248,7 +272,7 @@ def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | 
 # --- following a run live ---------------------------------------------------------------
 
 _ALERTS = {"symbol.failed", "symbol.retrying", "node.lost", "run.halting", "run.paused",
-           "run.resumed", "run.cancelling"}
+           "run.resumed", "run.cancelling", "symbol.waiting"}
 
 
 class Follower:
@@ -295,6 +319,15 @@ class Follower:
             if len(pr.running) > 15:
                 t.add_row(f"... {len(pr.running) - 15} more", "", "")
             parts.append(t)
+        if pr.waiting:  # nothing connected can run these: say so rather than look stuck
+            w = Table(box=box.SIMPLE, show_header=True, header_style="dim")
+            for col in ("waiting", "why"):
+                w.add_column(col)
+            for symbol, reason in list(pr.waiting.values())[:10]:
+                w.add_row(symbol, reason)
+            if len(pr.waiting) > 10:
+                w.add_row(f"... {len(pr.waiting) - 10} more", "")
+            parts.append(w)
         return Group(*parts)
 
     def on_event(self, ev: Event) -> None:

@@ -79,6 +79,19 @@ class SchedulerConfig:
 
 # --- internal state -------------------------------------------------------------------
 
+# What a task needs of a worker: its backend, or its backend and labels (sorted).
+Need = str | tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _need(task: Task) -> Need:
+    return task.dispatch if not task.requires else (
+        task.dispatch, tuple(sorted(task.requires.items())))
+
+
+def _still_waiting(due: float, _seq: int, task: Task) -> bool:
+    """A wait_for_worker timer that still counts: its task waits in that same episode."""
+    return task.state is TaskState.READY and bool(task.blocked) and task.wait_due == due
+
 
 def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
     """Seconds before retry number `failures` (1-based). Jitter is derived from the task id
@@ -113,6 +126,16 @@ class Scheduler:
         self._last_tick: float | None = None
         self.refused = 0  # results and adoption claims from a node that does not own them
         self.stalls = 0
+        # Can some connected worker run a (backend, labels) need? "" if so, else the reason.
+        # Asked once per need, not per symbol: 100,000 ready symbols share a few needs.
+        # Cleared as nodes join, leave or drain.
+        self._can: dict[Need, str] = {}
+        self._waiting: dict[Need, dict[str, Task]] = {}  # need -> its tasks waiting now
+        self._wait_timers: list[tuple[float, int, Task]] = []  # wait_for_worker expiries
+        self._joins = 0  # nodes that ever connected
+        # After a restart, workers get `orphan_grace` to reconnect before anything is
+        # declared waiting for one: their absence then is the dispatcher's doing.
+        self._settle_at: float | None = None
 
     # --- public -----------------------------------------------------------------------
 
@@ -138,6 +161,7 @@ class Scheduler:
                     node.last_seen = now
                     self._place.reindex(node)
                     self._journal("node.draining", now, node=node.name)
+                    self._lost(node, now)
             case RunSubmitted():
                 self._on_submit(event)
             case RunRestored():
@@ -169,6 +193,13 @@ class Scheduler:
             times.append(self._timers[0][0])
         if self._nodes and self._liveness_at is not None:
             times.append(self._liveness_at)
+        waits = self._wait_timers
+        while waits and not _still_waiting(*waits[0]):
+            heapq.heappop(waits)
+        if waits:
+            times.append(waits[0][0])
+        if self._settle_at is not None:
+            times.append(self._settle_at)
         return min(times) if times else None
 
     def _new_token(self) -> int:
@@ -194,7 +225,7 @@ class Scheduler:
     def find_active(self, manifest_hash: str) -> str | None:
         """An unfinished run of the manifest with this content hash, if any."""
         for run in self._runs.values():
-            if run.state not in RUN_FINAL and run.hash == manifest_hash:
+            if run.state not in RUN_FINAL and run.hash == manifest_hash and run.undo is None:
                 return run.id
         return None
 
@@ -223,8 +254,8 @@ class Scheduler:
                 "waiting_for_capability": self._unrunnable()}
 
     def _unrunnable(self, most: int = 100) -> list[dict[str, Any]]:
-        """Ready symbols that no connected worker could ever run (backend or labels)."""
-        can: dict[tuple[str, tuple[tuple[str, str], ...]], bool] = {}
+        """Ready symbols that no connected worker could ever run (backend or labels), with
+        the reason, and when their `wait_for_worker` runs out (None: never)."""
         out: list[dict[str, Any]] = []
         for run in self._runs.values():
             if run.state in RUN_FINAL:
@@ -232,13 +263,13 @@ class Scheduler:
             for t in itertools.chain(run.tasks.values(), run.rollbacks):
                 if t.state is not TaskState.READY:
                     continue
-                need = (t.dispatch, tuple(sorted(t.requires.items())))
-                if need not in can:
-                    can[need] = any(t.dispatch in n.caps and all(
-                        n.labels.get(k) == v for k, v in need[1]) for n in self._nodes.values())
-                if not can[need] and len(out) < most:
+                reason = t.blocked or self._reason(_need(t))
+                if reason:
                     out.append({"run_id": run.id, "symbol": t.name, "dispatch": t.dispatch,
-                                "requires": dict(t.requires)})
+                                "requires": dict(t.requires), "reason": reason,
+                                "due": t.wait_due})
+                    if len(out) >= most:
+                        return out
         return out
 
     def forget_finished(self) -> None:
@@ -280,6 +311,10 @@ class Scheduler:
                     assert all(d.state in done for d in t.deps), \
                         f"{t.id} started before its dependencies"
             assert unfinished == run.unfinished, (run.id, unfinished, run.unfinished)
+        for need, tasks in self._waiting.items():
+            for t in tasks.values():
+                assert t.state is TaskState.READY and t.blocked, t.id
+                assert _need(t) == need and self._can.get(need), t.id
             if run.state in RUN_FINAL:
                 assert unfinished == 0, run.id
 
@@ -338,6 +373,8 @@ class Scheduler:
         """Rebuild a run from its records (after a dispatcher restart, or to roll it back).
         Attempts that were running are held for `orphan_grace`: their worker may come back
         and report; after that they run again."""
+        if not self._joins and self._settle_at is None:  # a restart: workers come back
+            self._settle_at = ev.now + self.config.orphan_grace
         run = self._build_run(ev.run_id, ev.workflow, ev.started)
         run.paused = ev.status == "paused"
         run.state = RunState.RUNNING if run.paused else RunState(ev.status)
@@ -366,9 +403,14 @@ class Scheduler:
         run.failed = any(t.state is TaskState.FAILED for t in run.tasks.values())
         run.halted = run.failed and run.workflow.on_failure != "continue"
         run.rollback_failed = any(t.state is TaskState.FAILED for t in run.rollbacks)
-        run.rollback_phase = run.state is RunState.ROLLING_BACK or any(
-            rb.parent is not None and rb.parent.state is not TaskState.FAILED
-            for rb in run.rollbacks)
+        # A finished run stays finished: its rollbacks ran in a phase that ended.
+        run.rollback_phase = run.state is RunState.ROLLING_BACK or (
+            run.state not in RUN_FINAL and any(
+                rb.parent is not None and rb.parent.state is not TaskState.FAILED
+                for rb in run.rollbacks))
+        if ev.rollback == "rolling_back" and run.state in (RunState.COMPLETED, RunState.FAILED):
+            run.undo, run.undo_started = run.state, ev.rollback_started
+            run.rollback_phase = run.halted = True
         if run.rollback_phase:
             run.state = RunState.ROLLING_BACK
         run.wave = min((t.level for t in run.tasks.values() if t.state not in TERMINAL),
@@ -404,13 +446,17 @@ class Scheduler:
         elif state is TaskState.READY:
             self._force(task, state)
             self._place.push(task)
+            if rec.due is not None:  # it was waiting for a worker: its due time holds,
+                # though never before the workers had their chance to come back
+                task.wait_due = max(rec.due, self._settle_at or rec.due)
+            self._check_waiting(task, now)
         else:
             self._force(task, state)
 
     def _on_pause(self, ev: RunPaused | RunResumed) -> None:
         run = self._runs.get(ev.run_id)
         pause = isinstance(ev, RunPaused)
-        if run is None or run.state in RUN_FINAL or run.paused == pause:
+        if run is None or run.state in RUN_FINAL or run.paused == pause or run.undo:
             raise IllegalTransition(f"run {ev.run_id} cannot be "
                                     f"{'paused' if pause else 'resumed'} now")
         run.paused = pause
@@ -424,7 +470,7 @@ class Scheduler:
         """Stop a run: running attempts are abandoned (their backends terminated), nothing
         else starts; with `rollback`, completed symbols are then rolled back."""
         run = self._runs.get(ev.run_id)
-        if run is None or run.state in RUN_FINAL or run.cancelled:
+        if run is None or run.state in RUN_FINAL or run.cancelled or run.undo:
             raise IllegalTransition(f"run {ev.run_id} cannot be cancelled now")
         run.cancelled = run.halted = True
         run.paused = False
@@ -447,21 +493,41 @@ class Scheduler:
         self._check_run(run, ev.now)
 
     def _on_rollback_request(self, ev: RollbackRequested) -> None:
+        """Undo a finished run's completed symbols, as a phase of its own: the run's
+        status and end stay what they were; the phase ends with `rollback.completed`."""
         run = self._runs.get(ev.run_id)
         if run is None or run.state not in (RunState.COMPLETED, RunState.FAILED):
             raise IllegalTransition(f"run {ev.run_id} cannot be rolled back now")
-        run.state = RunState.RUNNING
-        self._journal("run.rollback_requested", ev.now, run)
+        targets = self.undoable(run.id)
+        if not targets:  # refused before anything is journaled: nothing changes
+            raise IllegalTransition(f"run {ev.run_id} has nothing to undo")
+        run.undo, run.undo_started = run.state, ev.now
+        run.halted = True
+        run.rollback_failed = False
+        self._journal("run.rollback_requested", ev.now, run, data={
+            "status": run.state.value, "rollbacks": len(targets)})
         self._start_rollback_phase(run, ev.now)
         self._check_run(run, ev.now)
+
+    def undoable(self, run_id: str) -> list[str]:
+        """The symbols a rollback of this run would undo: completed, with a rollback."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return []
+        return [t.name for t in run.tasks.values() if t.state is TaskState.COMPLETED
+                and isinstance(t.spec, Symbol) and t.spec.rollback is not None]
 
     def _on_connect(self, ev: NodeConnected) -> None:
         old = self._nodes.get(ev.node_id)
         if old is not None:  # the same node, reconnected before its old connection ended
-            self._on_node_gone(old.id, ev.now, "replaced", True)
+            self._on_node_gone(old.id, ev.now, "replaced", True, recheck=False)
         node = Node(ev, next(self._node_seq))
         self._nodes[node.id] = node
+        self._joins += 1
         self._place.reindex(node)
+        if old is not None:
+            self._lost(old, ev.now)  # what the old one could run and this one cannot
+        self._gained(node, ev.now)
         if self._liveness_at is None:
             self._liveness_at = ev.now + self._liveness_every
         self._journal("node.joined", ev.now, node=node.name, data={
@@ -497,7 +563,8 @@ class Scheduler:
         self._journal("claim.refused", now, task.run, task, node=node.name, data={
             "token": token, "claim": what, "node_id": node.id, "owner": task.owner})
 
-    def _on_node_gone(self, node_id: str, now: float, reason: str, graceful: bool) -> None:
+    def _on_node_gone(self, node_id: str, now: float, reason: str, graceful: bool,
+                      recheck: bool = True) -> None:
         node = self._nodes.pop(node_id, None)
         if node is None:
             return
@@ -505,6 +572,8 @@ class Scheduler:
         self._journal("node.lost" if not graceful else "node.left", now, node=node.name,
                       data={"node_id": node.id, "reason": reason,
                             "running": len(node.running)})
+        if recheck:  # before its attempts are requeued: those are checked as they queue
+            self._lost(node, now)
         for task in list(node.running.values()):
             self._lose(task, node, now, reason, graceful)
 
@@ -569,6 +638,14 @@ class Scheduler:
             if task.state is TaskState.RETRYING:
                 self._set(task, TaskState.READY)
                 self._push_ready(task, now, reason="retry")
+        if self._settle_at is not None and now >= self._settle_at:
+            self._settle_at = None
+            self._recheck(now, None)
+        waits = self._wait_timers
+        while waits and waits[0][0] <= now:
+            entry = heapq.heappop(waits)
+            if _still_waiting(*entry):
+                self._give_up_waiting(entry[2], now)
         if self._liveness_at is None or now < self._liveness_at:
             return
         # Checked on a coarse beat rather than per node: with many workers, finding the
@@ -673,7 +750,7 @@ class Scheduler:
         own = getattr(task.spec, "retry", None)
         return own if own is not None else self.config.retry
 
-    def _failed_for_good(self, task: Task, now: float) -> None:
+    def _failed_for_good(self, task: Task, now: float, ran: bool = True) -> None:
         run = task.run
         if task.kind == "rollback":
             run.rollback_failed = True
@@ -682,7 +759,7 @@ class Scheduler:
         run.failed = True
         sym = task.spec
         assert isinstance(sym, Symbol)
-        if sym.rollback is not None:
+        if sym.rollback is not None and ran:  # nothing to undo of what never ran
             self._add_rollback(task, [], now)
         policy = run.workflow.on_failure
         if policy == "continue":
@@ -750,6 +827,13 @@ class Scheduler:
         self._place.push(task)
         self._journal("symbol.queued", now, task.run, task,
                       data={"reason": reason} if reason else {})
+        if self._settle_at is None:  # inline: this runs for every ready symbol
+            need = task.dispatch if not task.requires else _need(task)
+            why = self._can.get(need)
+            if why is None:
+                why = self._can[need] = self._why_not(need)
+            if why:
+                self._begin_wait(task, need, why, now)
 
     def _add_rollback(self, parent: Task, deps: list[Task], now: float) -> Task:
         sym = parent.spec
@@ -776,7 +860,8 @@ class Scheduler:
         the rollbacks of the nearest completed descendants of X that have one."""
         run.rollback_phase = True
         run.state = RunState.ROLLING_BACK
-        self._journal("run.rolling_back", now, run)
+        if run.undo is None:  # a requested rollback leaves the run's status alone
+            self._journal("run.rolling_back", now, run)
         done = [t for t in run.tasks.values() if t.state is TaskState.COMPLETED]
         has_rb = {id(t) for t in done if isinstance(t.spec, Symbol) and t.spec.rollback}
         created: dict[int, Task] = {}
@@ -805,6 +890,9 @@ class Scheduler:
             self._advance_waves(run, now)
         if run.state in RUN_FINAL or run.unfinished:
             return
+        if run.undo is not None:
+            self._end_undo(run, now)
+            return
         if run.failed and run.workflow.on_failure == "rollback" and not run.rollback_phase:
             self._start_rollback_phase(run, now)
             if run.unfinished:
@@ -822,6 +910,19 @@ class Scheduler:
         self._journal(f"run.{final.value}", now, run, data={
             "status": final.value, "counts": counts, "duration": now - run.started})
 
+    def _end_undo(self, run: Run, now: float) -> None:
+        """A requested rollback phase ended: journaled as its own outcome; the run goes
+        back to the outcome it ended with."""
+        assert run.undo is not None
+        counts: dict[str, int] = {}
+        for t in run.rollbacks:
+            counts[t.state.value] = counts.get(t.state.value, 0) + 1
+        status = RunState.FAILED if run.rollback_failed else RunState.ROLLED_BACK
+        run.state, run.undo, run.rollback_phase = run.undo, None, False
+        self._journal("rollback.completed", now, run, data={
+            "status": status.value, "run_status": run.state.value, "counts": counts,
+            "duration": now - run.undo_started})
+
     # --- placement --------------------------------------------------------------------
 
     def _dispatch(self, now: float) -> None:
@@ -838,6 +939,7 @@ class Scheduler:
         task.token = self._new_token()
         task.node = node
         task.owner = node.id
+        task.wait_due = None  # a restored wait_for_worker due time: no longer waiting
         self._place.occupy(node, task.token, task)
         node.assigned += 1
         node.order[task.token] = node.assigned
@@ -854,6 +956,119 @@ class Scheduler:
             context=spec.context, dispatch=spec.dispatch, parameters=spec.parameters,
             attempt=task.attempts, token=task.token, timeout=timeout, secrets=spec.secrets))
 
+    # --- waiting for a worker that can run a symbol -----------------------------------
+
+    def _reason(self, need: Need) -> str:
+        found = self._can.get(need)
+        if found is None:
+            found = self._can[need] = self._why_not(need)
+        return found
+
+    def _why_not(self, need: Need) -> str:
+        """Why no connected worker (busy or not) can run this need; "" if one can. A
+        draining worker takes no new work, so it does not count."""
+        dispatch, labels = (need, ()) if isinstance(need, str) else need
+        nodes = [n for n in self._nodes.values() if dispatch in n.caps and not n.draining]
+        if not nodes:
+            return f"no connected worker has backend {dispatch}"
+        if labels and not any(all(n.labels.get(k) == v for k, v in labels) for n in nodes):
+            wanted = ", ".join(f"{k}={v}" for k, v in labels)
+            return f"no connected worker has labels {wanted} with backend {dispatch}"
+        return ""
+
+    def _wait_for_worker(self, task: Task) -> int | None:
+        """ms the task may wait for a capable worker (a rollback: as its symbol)."""
+        sym = task.spec if isinstance(task.spec, Symbol) else (
+            task.parent.spec if task.parent is not None else None)
+        wf = task.run.workflow
+        return wf.wait_for_worker_of(sym) if isinstance(sym, Symbol) else wf.wait_for_worker
+
+    def _begin_wait(self, task: Task, need: Need, reason: str, now: float) -> None:
+        """A waiting episode begins: journaled once, with its reason and due time."""
+        task.blocked = reason
+        self._waiting.setdefault(need, {})[task.id] = task
+        data: dict[str, Any] = {"reason": reason}
+        wait = self._wait_for_worker(task)
+        if wait is not None:
+            if task.wait_due is None:  # else restored: the stored due time holds
+                task.wait_due = now + wait / 1000
+            heapq.heappush(self._wait_timers, (task.wait_due, next(self._seq), task))
+            data["wait_for_worker"] = wait
+            data["due"] = task.wait_due
+        self._journal("symbol.waiting", now, task.run, task, data=data)
+
+    def _stop_waiting(self, task: Task) -> None:
+        tasks = self._waiting.get(_need(task))
+        if tasks is not None:
+            tasks.pop(task.id, None)
+        task.blocked = ""
+        task.wait_due = None
+
+    def _check_waiting(self, task: Task, now: float) -> None:
+        """A ready task that did not come through `_push_ready` (restored, rechecked)."""
+        if self._settle_at is not None or task.blocked:
+            return
+        need = _need(task)
+        why = self._reason(need)
+        if why:
+            self._begin_wait(task, need, why, now)
+        elif task.wait_due is not None:  # restored as waiting; a worker can run it now
+            task.wait_due = None
+            self._journal("symbol.unblocked", now, task.run, task)
+
+    def _gained(self, node: Node, now: float) -> None:
+        """A node joined: needs nobody could run may be runnable now. (A runnable need
+        stays runnable: its cached answer holds.)"""
+        for need, why in list(self._can.items()):
+            dispatch = need if isinstance(need, str) else need[0]
+            if not why or dispatch not in node.caps:
+                continue
+            why = self._can[need] = self._why_not(need)
+            if why:
+                continue
+            for t in self._waiting.pop(need, {}).values():
+                t.blocked = ""
+                t.wait_due = None
+                self._journal("symbol.unblocked", now, t.run, t, node=node.name)
+
+    def _lost(self, node: Node, now: float) -> None:
+        """A node left or drains: needs only it could run make their ready tasks wait."""
+        flipped: set[Need] = set()
+        for need, why in list(self._can.items()):
+            dispatch = need if isinstance(need, str) else need[0]
+            if dispatch not in node.caps:
+                continue
+            now_why = self._can[need] = self._why_not(need)
+            if now_why and not why:
+                flipped.add(need)
+        if flipped:
+            self._recheck(now, flipped)
+
+    def _recheck(self, now: float, needs: set[Need] | None) -> None:
+        """Look at every ready task (of these needs) for one that waits. Only when what
+        workers can run changed: a scan of the tasks, not of the tasks times the nodes."""
+        if self._settle_at is not None:
+            return
+        for run in self._runs.values():
+            if run.state in RUN_FINAL:
+                continue
+            for t in itertools.chain(run.tasks.values(), run.rollbacks):
+                if t.state is TaskState.READY and not t.blocked and (
+                        needs is None or _need(t) in needs):
+                    self._check_waiting(t, now)
+
+    def _give_up_waiting(self, task: Task, now: float) -> None:
+        """Its wait_for_worker ran out and still no connected worker can run it: it fails
+        for good (waiting longer would not help, so no retries) and on_failure applies."""
+        reason = task.blocked
+        ran = task.attempts > 0
+        self._set(task, TaskState.FAILED)
+        self._journal("symbol.failed", now, task.run, task, attempt=task.attempts, data={
+            "error": f"{reason} (waited {self._wait_for_worker(task)} ms: wait_for_worker)",
+            "reason": reason, "retryable": False})
+        self._failed_for_good(task, now, ran=ran)
+        self._check_run(task.run, now)
+
     # --- helpers ----------------------------------------------------------------------
 
     def _force(self, task: Task, state: TaskState) -> None:
@@ -867,6 +1082,8 @@ class Scheduler:
             raise IllegalTransition(f"{task.id}: {task.state.value} -> {state.value}")
         if task.holding and state is not TaskState.RUNNING:
             self._place.release(task)  # success, failure, timeout, loss or cancel: let go
+        if task.blocked and state is not TaskState.READY:
+            self._stop_waiting(task)
         if state in TERMINAL and task.state not in TERMINAL:
             task.run.unfinished -= 1
             self._by_token.pop(task.token, None)

@@ -291,7 +291,8 @@ class Dispatcher:
         row, records = loaded
         wf = workflow_from_dict(row["manifest"], source=f"<run {run_id}>")
         self._feed(c.RunRestored(run_id, wf, row["status"], row["created_at"], tuple(records),
-                                 self.now()))
+                                 self.now(), row["rollback_status"] or "",
+                                 row["rollback_requested_at"] or 0.0))
         log.info("run %s (%s): %s, restored from the state DB", run_id, wf.name, row["status"],
                  extra={"run_id": run_id})
         return True

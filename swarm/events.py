@@ -86,6 +86,10 @@ class RunRestored:
     started: float
     tasks: tuple[TaskRecord, ...]
     now: float
+    # A rollback requested after the run ended: its phase's status ("" if none was) and
+    # when it began. The run's own `status` stays the outcome it ended with.
+    rollback: str = ""
+    rollback_started: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,14 +46,15 @@ _FORMATS = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 _TOP_KEYS = frozenset(
-    {"name", "version", "description", "mode", "on_failure", "resources", "symbols"}
+    {"name", "version", "description", "mode", "on_failure", "resources", "symbols",
+     "wait_for_worker"}
 )
 _ROLLBACK_KEYS = frozenset(
     {"name", "type", "context", "dispatch", "parameters", "timeout", "retries", "secrets"}
 )
 _SYMBOL_KEYS = _ROLLBACK_KEYS | {
     "dependencies", "priority", "resources", "rollback", "description", "retry", "deadline",
-    "requires",
+    "requires", "wait_for_worker",
 }  # fmt: skip
 _RETRY_KEYS = frozenset({"initial_delay", "max_delay", "backoff_factor", "jitter"})
 _SCALARS = {str, int, float, bool, type(None)}
@@ -398,12 +399,14 @@ class _Checker:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 msg = f"capacity of {key!r} must be an integer 1 or more, got {_describe(value)}"
                 self.add(msg, None, "resources", self.lines.of(capacities, key))
+        wait = self.integer(at, "wait_for_worker", None, 0, " (milliseconds)")
         self.problems.sort(key=_by_position(doc))
         symbols = self.symbols(doc.get("symbols"), at)
         if self.problems:
             raise ManifestError(self.problems)
         return Workflow(
-            name, str(version), symbols, description, mode, on_failure, capacities, self.source
+            name, str(version), symbols, description, mode, on_failure, capacities, self.source,
+            wait_for_worker=wait,
         )
 
     def symbols(self, raw: object, top: _At) -> tuple[Symbol, ...]:
@@ -510,6 +513,7 @@ class _Checker:
             deadline=self.integer(at, "deadline", None, 1, " (milliseconds)"),
             requires=requires,
             secrets=self.secrets(at),
+            wait_for_worker=self.integer(at, "wait_for_worker", None, 0, " (milliseconds)"),
         )
 
     def rollback(self, at: _At, owner: str, context: str, dispatch: str) -> RollbackSpec:

@@ -88,6 +88,9 @@ class Symbol:
     # Environment variable -> name of a secret in the worker's [secrets]. Only names
     # travel; the worker reads the value (see swarm.secrets).
     secrets: dict[str, str] = field(default_factory=dict)
+    # ms to wait for a connected worker that can run it (backend and labels) before it
+    # fails; None: the workflow's `wait_for_worker`, and without one, wait for ever.
+    wait_for_worker: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -116,6 +119,8 @@ class Symbol:
             d["requires"] = dict(self.requires)
         if self.secrets:
             d["secrets"] = dict(self.secrets)
+        if self.wait_for_worker is not None:  # absent stays absent: the hash is unchanged
+            d["wait_for_worker"] = self.wait_for_worker
         return d
 
 
@@ -129,6 +134,7 @@ class Workflow:
     on_failure: str = "rollback"
     resources: dict[str, int] = field(default_factory=dict)  # key -> capacity
     source: str = "<memory>"  # where it was loaded from; not part of the content
+    wait_for_worker: int | None = None  # ms; a symbol's own value wins (see Symbol)
     # Computed once: the content hash of 100,000 symbols takes 0.7 s, and a deploy asks
     # for it twice. Not an argument, so dataclasses.replace() starts a fresh one.
     _memo: dict[str, str] = field(init=False, default_factory=dict, compare=False,
@@ -146,6 +152,8 @@ class Workflow:
         }
         if self.resources:
             d["resources"] = dict(self.resources)
+        if self.wait_for_worker is not None:
+            d["wait_for_worker"] = self.wait_for_worker
         return d
 
     @property
@@ -157,6 +165,10 @@ class Workflow:
                               default=str)
             found = self._memo["hash"] = hashlib.sha256(text.encode()).hexdigest()
         return found
+
+    def wait_for_worker_of(self, sym: Symbol) -> int | None:
+        """ms the symbol waits for a worker that can run it; None: for ever."""
+        return sym.wait_for_worker if sym.wait_for_worker is not None else self.wait_for_worker
 
     def symbol(self, name: str) -> Symbol:
         for s in self.symbols:

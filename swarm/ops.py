@@ -88,24 +88,43 @@ class Operations:
         return None
 
     async def _rollback(self, peer: _Peer, req: p.Request) -> None:
+        """Undo a finished run's completed symbols, as a phase of its own (the run keeps
+        its status and end); with nothing to undo, say so and change nothing."""
         assert self.d.core is not None and self.d.store is not None
         run_id = req.args["run_id"]
         state = self.d.core.run_state(run_id)
         if state is not None and state not in c.RUN_FINAL:
             return self._refuse(peer, req, f"run {run_id} is still {state.value}")
-        row = await self.d.store.run(run_id)
-        if row is None:
+        await self.d.stored()  # the core runs a commit ahead: read the run as it ended
+        loaded = await self.d.store.load_run(run_id)
+        if loaded is None:
             return self._refuse(peer, req, f"no run {run_id!r}")
+        row, records = loaded
         if row["status"] not in ("completed", "failed"):
             return self._refuse(peer, req, f"run {run_id} is {row['status']}: only a completed "
                                 "or failed run can be rolled back")
-        if state is None:
+        targets = _undoable(row["manifest"], records)
+        if not targets:
+            why = (f"its rollback ran already ({row['rollback_status']})"
+                   if row["rollback_status"] else "no completed symbol of it has a rollback")
+            peer.send(p.Reply(id=req.id, ok=True, data={
+                "run_id": run_id, "nothing_to_undo": True, "status": row["status"],
+                "message": f"run {run_id}: nothing to undo: {why}; it stays "
+                           f"{row['status']}"}))
+            return None
+        if self.d.core.run_state(run_id) is None:
             await self.d._restore(run_id)
         if req.args.get("follow"):
             peer.watching.add(run_id)
-        self.d._feed(c.RollbackRequested(run_id, self.d.now()))
-        log.info("run %s: rollback requested", run_id)
-        self._reply_after_commit(peer, req, {"run_id": run_id})
+        try:
+            self.d._feed(c.RollbackRequested(run_id, self.d.now()))
+        except c.IllegalTransition as e:
+            peer.watching.discard(run_id)
+            return self._refuse(peer, req, str(e))
+        log.info("run %s: rollback of %d symbols requested", run_id, len(targets),
+                 extra={"run_id": run_id})
+        self._reply_after_commit(peer, req, {"run_id": run_id, "rollbacks": len(targets),
+                                             "status": row["status"]})
         return None
 
     async def request(self, peer: _Peer, req: p.Request) -> None:
@@ -183,7 +202,9 @@ class Operations:
         if row is None:
             peer.watching.discard(watched)
             return self._refuse(peer, req, f"no run {watched!r}")
-        peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": row["status"]}))
+        # A rollback requested after the run ended is followed like the run itself.
+        state = "rolling_back" if row["rollback_status"] == "rolling_back" else row["status"]
+        peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": state}))
         return None
 
     # --- HTTP beside the WebSocket --------------------------------------------------------
@@ -203,6 +224,13 @@ class Operations:
                                   self.d.counters(), self.d.gauges())
             return _response(200, text, "text/plain; version=0.0.4; charset=utf-8")
         return None
+
+
+def _undoable(manifest: dict[str, Any], records: list[c.TaskRecord]) -> list[str]:
+    """What a rollback of a finished run would undo: its completed symbols that have a
+    rollback (those rolled back already are `rolled_back`, not `completed`)."""
+    done = {r.name for r in records if r.kind == "main" and r.state == "completed"}
+    return [s["name"] for s in manifest["symbols"] if s.get("rollback") and s["name"] in done]
 
 
 def summary(status: dict[str, Any], totals: dict[str, int]) -> dict[str, int]:

@@ -36,6 +36,10 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
     start = run["created_at"]
     end = run["finished_at"] or now
     total = max(end - start, 1e-9)
+    undo_at = run.get("rollback_requested_at")
+    if undo_at is not None:  # a rollback requested later is a phase of its own, apart
+        undo = [a for a in attempts if a["started_at"] >= undo_at]
+        attempts = [a for a in attempts if a["started_at"] < undo_at]
     main = [t for t in tasks if t["kind"] == "main"]
     by_state = Counter(t["state"] for t in main)
     succeeded = by_state["completed"] + by_state["rolled_back"]
@@ -66,6 +70,10 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
         "status": run["status"],
         "started_at": start,
         "finished_at": run["finished_at"],
+        "rollback_status": run.get("rollback_status"),
+        "rollback_requested_at": undo_at,
+        "rollback_finished_at": run.get("rollback_finished_at"),
+        "rollback_attempts": len(undo) if undo_at is not None else 0,
         "totals": dict(sorted(by_state.items())),
         "symbols": len(main),
         "metrics": {

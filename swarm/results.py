@@ -15,6 +15,8 @@ from .tasks import TERMINAL
 
 FINAL_RUN_STATES = frozenset({"completed", "failed", "rolled_back", "cancelled"})
 FINAL_RUN_EVENTS = frozenset(f"run.{s}" for s in FINAL_RUN_STATES)
+# What ends following a run: its end, or the end of a rollback requested after it ended.
+END_EVENTS = FINAL_RUN_EVENTS | {"rollback.completed"}
 _DONE = frozenset({"symbol.completed", "symbol.failed", "symbol.skipped", "symbol.cancelled"})
 _UNDONE = frozenset({"symbol.retrying", "attempt.lost"})
 
@@ -79,6 +81,10 @@ class RunResult:
     started_at: float
     finished_at: float | None
     symbols: SymbolOutcomes
+    # A rollback requested after the run ended (`swarm rollback`) is a phase of its own:
+    # `status` and `finished_at` stay the run's outcome. None: no such rollback.
+    rollback_status: str | None = None  # rolling_back | rolled_back | failed
+    rollback_finished_at: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -117,6 +123,8 @@ class RunResult:
         return cls(
             run_id=rec["run_id"], workflow=rec["workflow"], version=rec["version"],
             status=rec["status"], started_at=rec["created_at"], finished_at=rec["finished_at"],
+            rollback_status=rec.get("rollback_status"),
+            rollback_finished_at=rec.get("rollback_finished_at"),
             symbols=SymbolOutcomes(SymbolOutcome(
                 symbol=t["symbol"], kind=t["kind"], state=t["state"], node=t["node"],
                 attempts=t["attempts"],
@@ -138,6 +146,8 @@ class RunUpdate:
     running: tuple[str, ...]  # symbols running now
     recent: tuple[Event, ...]  # the latest events, newest last
     event: Event | None  # the event behind this update
+    # Symbols that no connected worker can run, each with the reason (symbol.waiting).
+    waiting: tuple[tuple[str, str], ...] = ()
 
     @property
     def percentage(self) -> float:
@@ -166,6 +176,7 @@ class ProgressTracker:
         self.failed = 0
         self.status = status
         self.running: dict[str, tuple[str, str, float]] = {}  # task id -> (symbol, node, since)
+        self.waiting: dict[str, tuple[str, str]] = {}  # task id -> (symbol, reason)
         self.recent: deque[Event] = deque(maxlen=keep)
         self._t0 = time.monotonic()
         self._done0 = self.completed
@@ -176,9 +187,17 @@ class ProgressTracker:
             return False
         self.recent.append(ev)
         tid = ev.task_id or ""
+        if ev.kind == "symbol.waiting":
+            self.waiting[tid] = (ev.symbol or "", str(ev.data.get("reason", "")))
+            return True
+        if ev.kind == "symbol.unblocked":
+            self.waiting.pop(tid, None)
+            return True
         if ev.kind in ("symbol.started", "symbol.adopted"):
+            self.waiting.pop(tid, None)
             self.running[tid] = (ev.symbol or "", ev.node or "-", ev.ts)
         elif ev.kind in _DONE or ev.kind in _UNDONE:
+            self.waiting.pop(tid, None)
             self.running.pop(tid, None)
             if ev.kind in _DONE and not tid.endswith("/rollback") and tid not in self._ended:
                 self._ended.add(tid)
@@ -192,8 +211,10 @@ class ProgressTracker:
                 self.status = "paused"
             elif isinstance(status, str) and ev.kind in ("run.resumed", "run.restored"):
                 self.status = status
-            elif ev.kind == "run.rolling_back":
+            elif ev.kind in ("run.rolling_back", "run.rollback_requested"):
                 self.status = "rolling_back"
+        elif ev.kind == "rollback.completed":
+            self.status = str(ev.data.get("status", "rolled_back"))
         return True
 
     @property
@@ -211,4 +232,4 @@ class ProgressTracker:
         return RunUpdate(
             run_id=self.run_id, status=self.status, completed=self.completed, total=self.total,
             eta=self.eta, running=tuple(s for s, _, _ in self.running.values()),
-            recent=tuple(self.recent), event=event)
+            recent=tuple(self.recent), event=event, waiting=tuple(self.waiting.values()))

@@ -79,9 +79,14 @@ CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
 CREATE TABLE IF NOT EXISTS rollbacks (
     run_id TEXT NOT NULL, symbol TEXT NOT NULL, spec TEXT NOT NULL,
     completed_at REAL NOT NULL, rolled_back_at REAL, PRIMARY KEY (run_id, symbol));
+-- A rollback requested after a run ended (`swarm rollback`): a phase of its own, so the
+-- run's status and finished_at keep the outcome it ended with. The latest phase per run.
+CREATE TABLE IF NOT EXISTS run_rollbacks (
+    run_id TEXT PRIMARY KEY, status TEXT NOT NULL, requested_at REAL NOT NULL,
+    finished_at REAL);
 """
 
-TABLES = ("nodes", "runs", "tasks", "attempts", "events", "rollbacks")
+TABLES = ("nodes", "runs", "tasks", "attempts", "events", "rollbacks", "run_rollbacks")
 FINAL_RUN_STATES = ("completed", "failed", "rolled_back", "cancelled")
 
 
@@ -123,7 +128,8 @@ class _Batch:
         yield _INSERT_EVENT, self.events
 
 
-_KEYS = {"tasks": "task_id", "attempts": "token", "runs": "run_id", "nodes": "node_id"}
+_KEYS = {"tasks": "task_id", "attempts": "token", "runs": "run_id", "nodes": "node_id",
+         "run_rollbacks": "run_id"}
 _INSERT_EVENT = ("INSERT INTO events (ts, kind, run_id, task_id, symbol, node, attempt, data)"
                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
@@ -132,8 +138,12 @@ _INSERT_TASK = ("INSERT OR IGNORE INTO tasks (task_id, run_id, symbol, kind, par
 # Journal kinds that change a run's status, and the status they set.
 _RUN_STATUS = {"run.completed": "completed", "run.failed": "failed",
                "run.rolled_back": "rolled_back", "run.rolling_back": "rolling_back",
-               "run.cancelled": "cancelled", "run.rollback_requested": "rolling_back",
-               "run.paused": "paused"}
+               "run.cancelled": "cancelled", "run.paused": "paused"}
+# A run's row with its requested rollback phase, if any (see run_rollbacks).
+_RUN_ROW = ("SELECT r.*, rb.status AS rollback_status,"
+            " rb.requested_at AS rollback_requested_at,"
+            " rb.finished_at AS rollback_finished_at FROM runs r"
+            " LEFT JOIN run_rollbacks rb ON rb.run_id = r.run_id")
 
 
 def _apply(b: _Batch, e: Journal) -> None:
@@ -154,7 +164,19 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.insert(_INSERT_TASK, (tid, e.run_id, e.symbol, "rollback", d["parent"],
                                 spec["dispatch"], -1, "pending", _json(d["after"])))
     elif k == "symbol.queued":
-        b.update("tasks", tid, state="ready")
+        if d:  # requeued (a retry, a lost worker): a due time it had is over
+            b.update("tasks", tid, state="ready", due_at=None)
+        else:
+            b.update("tasks", tid, state="ready")
+    elif k == "symbol.waiting":  # a ready task's due_at: when its wait_for_worker ends
+        b.update("tasks", tid, due_at=d.get("due"))
+    elif k == "symbol.unblocked":
+        b.update("tasks", tid, due_at=None)
+    elif k == "run.rollback_requested":
+        b.insert("INSERT OR REPLACE INTO run_rollbacks (run_id, status, requested_at,"
+                 " finished_at) VALUES (?, 'rolling_back', ?, NULL)", (e.run_id, e.ts))
+    elif k == "rollback.completed":
+        b.update("run_rollbacks", e.run_id, status=d["status"], finished_at=e.ts)
     elif k == "symbol.started":
         cols: dict[str, Any] = {"state": "running", "attempts": e.attempt, "node": e.node,
                                 "token": d["token"], "due_at": None, "node_id": d["node_id"]}
@@ -563,8 +585,12 @@ class Store:
 
     async def run(self, run_id: str) -> dict[str, Any] | None:
         rows = await self._rows(
-            "SELECT run_id, workflow, version, manifest_hash, on_failure, mode, status,"
-            " created_at, finished_at FROM runs WHERE run_id = ?", (run_id,))
+            "SELECT r.run_id, r.workflow, r.version, r.manifest_hash, r.on_failure, r.mode,"
+            " r.status, r.created_at, r.finished_at, rb.status AS rollback_status,"
+            " rb.requested_at AS rollback_requested_at,"
+            " rb.finished_at AS rollback_finished_at FROM runs r"
+            " LEFT JOIN run_rollbacks rb ON rb.run_id = r.run_id WHERE r.run_id = ?",
+            (run_id,))
         return rows[0] if rows else None
 
     async def runs(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -573,8 +599,11 @@ class Store:
             " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main')"
             " AS total,"
             " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main'"
-            "  AND t.state IN ('completed', 'rolled_back')) AS done"
-            " FROM runs r ORDER BY r.created_at DESC LIMIT ?", (limit,))
+            "  AND t.state IN ('completed', 'rolled_back')) AS done,"
+            " rb.status AS rollback_status, rb.requested_at AS rollback_requested_at,"
+            " rb.finished_at AS rollback_finished_at"
+            " FROM runs r LEFT JOIN run_rollbacks rb ON rb.run_id = r.run_id"
+            " ORDER BY r.created_at DESC LIMIT ?", (limit,))
 
     async def tasks(self, run_id: str) -> list[dict[str, Any]]:
         rows = await self._rows(
@@ -587,12 +616,14 @@ class Store:
 
     async def unfinished_runs(self) -> list[str]:
         rows = await self._rows("SELECT run_id FROM runs WHERE status IN ('running',"
-                                " 'rolling_back', 'paused') ORDER BY created_at")
+                                " 'rolling_back', 'paused') OR run_id IN (SELECT run_id FROM"
+                                " run_rollbacks WHERE status = 'rolling_back')"
+                                " ORDER BY created_at")
         return [r["run_id"] for r in rows]
 
     async def load_run(self, run_id: str) -> tuple[dict[str, Any], list[TaskRecord]] | None:
         """A run's row (with its manifest document) and task records, to rebuild it."""
-        rows = await self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        rows = await self._rows(_RUN_ROW + " WHERE r.run_id = ?", (run_id,))
         if not rows:
             return None
         run = rows[0]
@@ -619,7 +650,7 @@ class Store:
 
     async def report_rows(self, run_id: str) -> dict[str, Any] | None:
         """Everything `report.build` needs about one run."""
-        runs = await self._rows("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        runs = await self._rows(_RUN_ROW + " WHERE r.run_id = ?", (run_id,))
         if not runs:
             return None
         run = runs[0]

@@ -28,7 +28,9 @@ TERMINAL = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED,
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.CANCELLED}),
-    TaskState.READY: frozenset({TaskState.RUNNING, TaskState.SKIPPED, TaskState.CANCELLED}),
+    # READY -> FAILED: no connected worker could run it within its `wait_for_worker`.
+    TaskState.READY: frozenset({TaskState.RUNNING, TaskState.SKIPPED, TaskState.CANCELLED,
+                                TaskState.FAILED}),
     TaskState.RUNNING: frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.RETRYING,
                                   TaskState.READY, TaskState.CANCELLED}),
     TaskState.RETRYING: frozenset({TaskState.READY, TaskState.SKIPPED, TaskState.FAILED,
@@ -61,7 +63,8 @@ class IllegalTransition(SwarmError):
 class Task:
     __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                  "dependents", "deps", "node", "token", "due", "first_start", "key",
-                 "parent", "orphan", "resources", "requires", "level", "holding", "owner")
+                 "parent", "orphan", "resources", "requires", "level", "holding", "owner",
+                 "blocked", "wait_due")
 
     def __init__(self, run: Run, name: str, kind: str, spec: Symbol | RollbackSpec,
                  parent: Task | None = None) -> None:
@@ -91,6 +94,9 @@ class Task:
         # The node id the attempt `token` was given to: only that node may report its
         # result or adopt it after a reconnection, whoever else knows the token.
         self.owner = ""
+        # Why no connected worker can run it ("" while some can): one waiting episode.
+        self.blocked = ""
+        self.wait_due: float | None = None  # when its `wait_for_worker` runs out
 
     @property
     def dispatch(self) -> str:
@@ -104,7 +110,8 @@ class Task:
 class Run:
     __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
                  "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash",
-                 "paused", "parked", "cancelled", "waves", "wave", "by_level")
+                 "paused", "parked", "cancelled", "waves", "wave", "by_level", "undo",
+                 "undo_started")
 
     def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
         self.id = run_id
@@ -126,6 +133,10 @@ class Run:
         self.waves = workflow.mode == "waves"  # a barrier between levels
         self.wave = 0  # the level running now (waves mode)
         self.by_level: list[list[Task]] = []
+        # A rollback requested after the run ended is a phase of its own: the outcome it
+        # ended with (kept, never rewritten) and when the phase began.
+        self.undo: RunState | None = None
+        self.undo_started = 0.0
 
 
 class Node:

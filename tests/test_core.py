@@ -604,8 +604,12 @@ def test_rollback_of_a_finished_run_undoes_completed_symbols_in_reverse_order() 
     h.feed(c.RollbackRequested("r1", h.now))
     h.node("w")
     assert [h.run_one("w") for _ in range(2)] == ["undo_b", "undo_a"]
-    assert h.s.run_state("r1") == c.RunState.ROLLED_BACK
-    with pytest.raises(c.IllegalTransition):
+    # The rollback is a phase of its own: the run keeps the outcome it ended with.
+    assert h.s.run_state("r1") == c.RunState.COMPLETED
+    (done,) = [j for j in h.journal if j.kind == "rollback.completed"]
+    assert done.data["status"] == "rolled_back" and done.data["run_status"] == "completed"
+    assert not [j for j in h.journal if j.kind in ("run.rolled_back", "run.rolling_back")]
+    with pytest.raises(c.IllegalTransition, match="nothing to undo"):
         h.feed(c.RollbackRequested("r1", h.now))
 
 
@@ -824,3 +828,212 @@ def test_tokens_come_from_the_token_source_and_a_live_one_is_never_reused() -> N
     h.node("w", slots=3)
     h.submit(wf(sym("a"), sym("b"), sym("c")))
     assert sorted(t.token for t in h.take("w")) == [41, 42, 43]
+
+
+# --- waiting for a worker that can run a symbol (issue #13 item 5) ----------------------
+
+
+def test_a_symbol_no_connected_worker_can_run_waits_once_with_the_reason() -> None:
+    h = Harness()
+    h.node("py", slots=2)
+    h.submit(wf(sym("p", dispatch="php_engine"), sym("i")))
+    assert h.names("py") == ["i"]
+    (w,) = [j for j in h.journal if j.kind == "symbol.waiting"]
+    assert w.symbol == "p" and w.data == {"reason": "no connected worker has backend php_engine"}
+    h.tick(5.0)
+    h.node("py2")  # another worker that cannot run it: the same episode goes on
+    assert len(h.kinds("symbol.waiting")) == 1
+    h.node("php", caps=("php_engine",))
+    assert h.kinds("symbol.unblocked") == ["p"]
+    assert h.names("php") == ["p"]
+    assert h.s.snapshot()["waiting_for_capability"] == []
+
+
+def test_unmatched_labels_are_the_reason_when_the_backend_is_there() -> None:
+    h = Harness()
+    h.feed(c.NodeConnected("us", "us", ("internal",), 1, h.now, labels={"region": "us"}))
+    h.submit(wf(sym("a", requires={"region": "eu"})))
+    (w,) = [j for j in h.journal if j.kind == "symbol.waiting"]
+    assert w.data["reason"] == "no connected worker has labels region=eu with backend internal"
+    (x,) = h.s.snapshot()["waiting_for_capability"]
+    assert x["symbol"] == "a" and x["reason"] == w.data["reason"] and x["due"] is None
+    h.feed(c.NodeConnected("eu", "eu", ("internal",), 1, h.now, labels={"region": "eu"}))
+    assert h.names("eu") == ["a"]
+
+
+def test_a_busy_capable_worker_is_no_reason_to_wait() -> None:
+    h = Harness()
+    h.node("w", slots=1)
+    h.submit(wf(sym("a"), sym("b")))
+    assert h.names("w") == ["a"]
+    assert h.kinds("symbol.waiting") == []  # b is queued behind a, not waiting for a worker
+
+
+def test_wait_for_worker_fails_the_symbol_with_the_reason_and_on_failure_applies() -> None:
+    h = Harness()
+    h.node("py", slots=2)
+    workflow = Workflow(name="t", version="1", on_failure="continue", wait_for_worker=60_000,
+                        symbols=(sym("p", dispatch="php_engine", wait_for_worker=2000,
+                                     retries=5, rollback=True),
+                                 sym("after", "p"), sym("slow", dispatch="rust_injector")))
+    h.submit(workflow)
+    waits = {j.symbol: j.data for j in h.journal if j.kind == "symbol.waiting"}
+    assert waits["p"]["wait_for_worker"] == 2000  # the symbol's own value wins
+    assert waits["slow"]["wait_for_worker"] == 60_000  # else the workflow's
+    assert waits["p"]["due"] == pytest.approx(h.now + 2.0)
+    h.tick(1.9)
+    assert h.state("p") == "ready"
+    assert h.s.next_deadline() == pytest.approx(h.now + 0.1)
+    h.tick(0.2)
+    assert h.state("p") == "failed" and h.state("after") == "skipped"
+    (f,) = [j for j in h.journal if j.kind == "symbol.failed"]
+    assert f.data["error"].startswith("no connected worker has backend php_engine")
+    assert f.data["retryable"] is False and h.kinds("symbol.retrying") == []
+    assert h.kinds("rollback.created") == []  # it never ran: nothing of it to undo
+    assert h.state("slow") == "ready"  # continue: the rest goes on
+
+
+def test_wait_for_worker_fails_a_rollback_run_by_rolling_back() -> None:
+    h = Harness()
+    h.node("py")
+    h.submit(wf(sym("a", rollback=True), sym("p", "a", dispatch="php_engine",
+                                             wait_for_worker=0)))
+    h.run_one("py")
+    assert h.s.next_deadline() == h.now  # wait_for_worker 0: the next tick fails it
+    h.tick(0.0)
+    assert h.state("p") == "failed"
+    assert h.run_one("py") == "undo_a"
+    assert h.s.run_state("r1") == c.RunState.ROLLED_BACK
+
+
+def test_a_worker_joining_before_wait_for_worker_ends_saves_the_symbol() -> None:
+    h = Harness()
+    h.submit(wf(sym("p", dispatch="php_engine", wait_for_worker=1000)))
+    h.tick(0.5)
+    h.node("php", caps=("php_engine",))
+    h.tick(5.0)
+    assert h.names("php") == ["p"] and h.state("p") == "running"
+    assert h.s.next_deadline() is not None  # liveness only: no stale wait timer left
+    assert h.kinds("symbol.failed") == []
+
+
+def test_a_worker_leaving_or_draining_makes_what_only_it_could_run_wait_again() -> None:
+    h = Harness()
+    h.node("php", caps=("php_engine",), slots=1)
+    h.node("py")
+    h.submit(wf(sym("p1", dispatch="php_engine"), sym("p2", dispatch="php_engine"),
+                sym("i", dispatch="internal", wait_for_worker=500)))
+    assert h.names("php") == ["p1"]
+    assert h.kinds("symbol.waiting") == []
+    h.feed(c.NodeDraining("py", h.now))  # the only internal worker takes no new work
+    h.feed(c.NodeDisconnected("php", h.now))
+    assert sorted(h.kinds("symbol.waiting")) == ["p1", "p2"]  # p1's attempt was lost
+    assert h.names("py") == ["i"]  # started before the drain: not waiting
+    h.node("php2", caps=("php_engine",), slots=2)
+    assert sorted(h.kinds("symbol.unblocked")) == ["p1", "p2"]
+    assert sorted(h.names("php2")) == ["p1", "p2"]
+
+
+def test_needs_are_looked_up_once_not_per_symbol(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness()
+    for i in range(50):
+        h.node(f"w{i}", caps=("rust_injector",), slots=1)
+    asked: list[Any] = []
+    why_not = h.s._why_not
+    monkeypatch.setattr(h.s, "_why_not", lambda need: asked.append(need) or why_not(need))
+    h.feed(c.RunSubmitted("r1", wf(*(sym(f"s{i}", dispatch=("internal", "php_engine")[i % 2])
+                                     for i in range(2000))), h.now))
+    assert sorted(asked) == ["internal", "php_engine"]
+    assert len(h.kinds("symbol.waiting")) == 2000
+
+
+def test_a_restored_wait_keeps_its_due_time_after_the_workers_grace() -> None:
+    h = Harness(orphan_grace=1.0)
+    workflow = wf(sym("a", dispatch="php_engine", wait_for_worker=60_000), sym("b", "a"),
+                  sym("c", "b"))
+    restore(h, c.TaskRecord("a", "main", "ready", due=h.now + 3.0),
+            c.TaskRecord("b", "main", "pending"), c.TaskRecord("c", "main", "pending"),
+            workflow=workflow)
+    assert h.kinds("symbol.waiting") == []  # workers get their grace to come back first
+    h.node("py")
+    h.tick(1.0)
+    (w,) = [j for j in h.journal if j.kind == "symbol.waiting"]
+    assert w.data["due"] == pytest.approx(h.now + 2.0)  # the stored due time, kept
+    h.tick(2.0)
+    assert h.state("a") == "failed"
+
+
+def test_a_restored_wait_already_due_still_gives_workers_their_grace() -> None:
+    h = Harness(orphan_grace=2.0)
+    workflow = wf(sym("a", dispatch="php_engine", wait_for_worker=100), sym("b", "a"),
+                  sym("c", "b"))
+    restore(h, c.TaskRecord("a", "main", "ready", due=h.now - 50),
+            c.TaskRecord("b", "main", "pending"), c.TaskRecord("c", "main", "pending"),
+            workflow=workflow)
+    h.tick(1.0)
+    h.node("php", caps=("php_engine",))  # back within the grace: it runs
+    assert h.names("php") == ["a"] and h.kinds("symbol.failed") == []
+
+
+# --- a requested rollback is a phase of its own (issue #13 item 7) ----------------------
+
+
+def test_a_rollback_with_nothing_to_undo_is_refused_and_changes_nothing() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a"), sym("b"), on_failure="abort"))
+    h.run_one("w")
+    h.run_one("w", ok=False, retryable=False)  # b failed: only a completed, without rollback
+    assert h.s.run_state("r1") == c.RunState.FAILED
+    before = len(h.journal)
+    with pytest.raises(c.IllegalTransition, match="nothing to undo"):
+        h.feed(c.RollbackRequested("r1", h.now))
+    assert len(h.journal) == before and h.s.run_state("r1") == c.RunState.FAILED
+
+
+def test_a_requested_rollback_cannot_be_paused_or_cancelled_and_survives_a_restart() -> None:
+    h = Harness()
+    h.node("w")
+    h.submit(wf(sym("a", rollback=True), sym("b", "a", rollback=True)))
+    h.run_one("w")
+    h.run_one("w")
+    h.feed(c.RollbackRequested("r1", h.now + 1))
+    (req,) = [j for j in h.journal if j.kind == "run.rollback_requested"]
+    assert req.data == {"status": "completed", "rollbacks": 2}
+    for event in (c.RunPaused("r1", h.now), c.RunCancelled("r1", h.now)):
+        with pytest.raises(c.IllegalTransition):
+            h.feed(event)
+    assert h.run_one("w") == "undo_b"
+    # The dispatcher restarts here: the run is rebuilt from its records.
+    h2 = Harness()
+    h2.feed(c.RunRestored("r1", wf(sym("a", rollback=True), sym("b", "a", rollback=True)),
+                          "completed", h.now - 10, (
+                              c.TaskRecord("a", "main", "completed", attempts=1),
+                              c.TaskRecord("b", "main", "rolled_back", attempts=1),
+                              c.TaskRecord("undo_b", "rollback", "completed", parent="b"),
+                              c.TaskRecord("undo_a", "rollback", "pending", parent="a",
+                                           after=("b",))),
+                          h.now, rollback="rolling_back", rollback_started=h.now - 1))
+    assert h2.s.run_state("r1") == c.RunState.ROLLING_BACK
+    h2.node("w")
+    assert h2.run_one("w") == "undo_a"
+    (done,) = [j for j in h2.journal if j.kind == "rollback.completed"]
+    assert done.data["status"] == "rolled_back" and done.data["run_status"] == "completed"
+    assert done.data["duration"] == pytest.approx(1.0)
+    assert h2.s.run_state("r1") == c.RunState.COMPLETED
+    assert not [j for j in h2.journal if j.kind.startswith("run.") and j.kind != "run.restored"]
+
+
+def test_a_finished_run_restored_for_a_rollback_stays_finished() -> None:
+    h = Harness()
+    h.node("w")
+    # Its earlier rollback failed for a: restoring it must not end it again.
+    restore(h, c.TaskRecord("a", "main", "completed", attempts=1),
+            c.TaskRecord("b", "main", "rolled_back", attempts=1),
+            c.TaskRecord("c", "main", "completed", attempts=1),
+            c.TaskRecord("undo_b", "rollback", "completed", parent="b"),
+            c.TaskRecord("undo_a", "rollback", "failed", parent="a", after=("b",)),
+            status="completed", workflow=wf(sym("a", rollback=True), sym("b", "a", rollback=True),
+                                            sym("c", "b")))
+    assert h.s.run_state("r1") == c.RunState.COMPLETED
+    assert [j.kind for j in h.journal if j.kind.startswith("run.")] == ["run.restored"]

@@ -973,3 +973,44 @@ def test_a_dash_name_in_a_manifest_file_exits_2(tmp_path: Path) -> None:
                         env={**os.environ, "PYTHONPATH": str(FIXTURES.parent.parent)})
     assert cp.returncode == 2, cp.stdout + cp.stderr
     assert "'-x'" in cp.stdout + cp.stderr and "must not start with '-'" in cp.stdout + cp.stderr
+
+
+def test_wait_for_worker_at_the_top_and_per_symbol_the_symbols_wins() -> None:
+    w = parse_manifest(textwrap.dedent("""
+        name: w
+        version: "1"
+        wait_for_worker: 30000
+        symbols:
+          - {name: a, type: action, wait_for_worker: 0}
+          - {name: b, type: action}
+    """), "w.yaml", "yaml")
+    assert w.wait_for_worker == 30_000
+    assert [w.wait_for_worker_of(s) for s in w.symbols] == [0, 30_000]
+    assert workflow_from_dict(w.to_dict()).to_dict() == w.to_dict()  # kept, both
+    toml = parse_manifest(textwrap.dedent("""
+        name = "w"
+        version = "1"
+        wait_for_worker = 5
+        [[symbols]]
+        name = "a"
+        type = "action"
+        wait_for_worker = 7
+    """), "w.toml", "toml")
+    assert (toml.wait_for_worker, toml.symbols[0].wait_for_worker) == (5, 7)
+
+
+def test_wait_for_worker_absent_leaves_the_content_hash_unchanged() -> None:
+    plain = workflow_from_dict(document())
+    assert "wait_for_worker" not in json.dumps(plain.to_dict())
+    assert plain.wait_for_worker is None and plain.wait_for_worker_of(plain.symbols[0]) is None
+    assert workflow_from_dict(document(wait_for_worker=1)).content_hash != plain.content_hash
+
+
+def test_bad_wait_for_worker_values_are_reported_with_their_place() -> None:
+    found = problems(document({"name": "a", "type": "action", "wait_for_worker": -1},
+                              {"name": "b", "type": "action", "wait_for_worker": "5s"},
+                              wait_for_worker=True))
+    assert [(p.symbol, p.field) for p in found] == [
+        (None, "wait_for_worker"), ("a", "wait_for_worker"), ("b", "wait_for_worker")]
+    assert "must be 0 or more (milliseconds), got -1" in found[1].message
+    assert "expected an integer (milliseconds)" in found[2].message
