@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from . import protocol as p
 from .errors import (
     AuthenticationFailed,
+    ClientClosed,
     DispatcherUnreachable,
     InputError,
     ManifestError,
@@ -47,6 +48,7 @@ from .results import (
 )
 
 EVENT_BACKLOG = 10_000  # events kept per run until someone listens for them
+BACKLOG_RUNS = 64  # runs whose unheard events are kept
 
 
 class Client:
@@ -123,10 +125,14 @@ class Client:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def close(self) -> None:
+        """Close the connection; every pending request and event iterator ends with
+        ClientClosed instead of waiting forever."""
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        if self._closed_error is None:
+            self._end(ClientClosed(f"the client of {self.url} was closed"))
         if self._ws is not None:
             await self._ws.close()
 
@@ -150,6 +156,10 @@ class Client:
             pass
         except RemoteProtocolError as e:
             error = e
+        self._end(error)
+
+    def _end(self, error: Exception) -> None:
+        """No more replies or events will come: say so to whoever waits for them."""
         self._closed_error = error
         for fut in self._pending.values():
             if not fut.done():
@@ -165,7 +175,12 @@ class Client:
                 queue.put_nowait(ev)
                 heard = True
         if not heard and ev.run_id is not None:
-            self._backlog.setdefault(ev.run_id, deque(maxlen=EVENT_BACKLOG)).append(ev)
+            backlog = self._backlog.get(ev.run_id)
+            if backlog is None:
+                if len(self._backlog) >= BACKLOG_RUNS:  # bounded: forget the oldest run's
+                    del self._backlog[next(iter(self._backlog))]
+                backlog = self._backlog[ev.run_id] = deque(maxlen=EVENT_BACKLOG)
+            backlog.append(ev)
 
     async def request(self, op: str, **args: Any) -> Any:
         """Send a request and return its reply's data; refusals raise RequestRefused."""

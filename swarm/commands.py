@@ -12,6 +12,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from . import interrupt
 from .client import Client
 from .config import Config, load_config
 from .errors import ConfigError, ConnectionFailed, InputError
@@ -24,7 +25,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
-    return asyncio.run(coro)
+    return interrupt.run(coro)  # a second Ctrl-C stops at once
 
 
 def _client(args: argparse.Namespace, cfg: Config, name: str) -> Client:

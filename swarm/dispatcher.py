@@ -102,6 +102,7 @@ class _Peer:
     draining: bool = False
     missed: int = 0
     dropped: bool = False
+    max_frame: int = 1 << 20  # the largest frame the peer accepts
 
     def __post_init__(self) -> None:
         self.queue: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
@@ -117,6 +118,9 @@ class _Peer:
                 self.events_queued -= events
 
     def send(self, msg: p.Message) -> None:
+        self.send_frame(p.encode(msg))
+
+    def send_frame(self, frame: bytes) -> None:
         if self.queue.qsize() >= SEND_QUEUE:
             # A peer that reads nothing for this long is stuck: drop it, keep the memory.
             if not self.dropped:
@@ -125,7 +129,7 @@ class _Peer:
                 asyncio.get_running_loop().create_task(
                     self.ws.close(p.CLOSE_POLICY, "not reading"))
             return
-        self.queue.put_nowait((p.encode(msg), 0))
+        self.queue.put_nowait((frame, 0))
 
     def publish(self, events: list[p.Event]) -> None:
         """One frame for the events of one commit. Events never block dispatch: past the
@@ -411,6 +415,8 @@ class Dispatcher:
                     continue
                 if isinstance(msg, p.Assign):
                     self.dispatch_latency.observe(now - fed_at)
+                    self._send_assign(peer, msg)
+                    continue
                 peer.send(msg)
             for r in records:
                 if r.kind in FINAL_RUN_EVENTS:
@@ -420,6 +426,26 @@ class Dispatcher:
                 # work, watchers only watch.
                 await asyncio.sleep(0)
                 self._publish(records)
+
+    def _send_assign(self, peer: _Peer, msg: p.Assign) -> None:
+        """Assignments in frames the worker accepts: split when too big for one. A single
+        one too big (from a run deployed before the size check) fails that symbol alone,
+        with the reason, instead of costing the worker its connection."""
+        frame = p.encode(msg)
+        if len(frame) <= peer.max_frame:
+            peer.send_frame(frame)
+        elif len(msg.tasks) > 1:
+            half = len(msg.tasks) // 2
+            self._send_assign(peer, p.Assign(msg.tasks[:half]))
+            self._send_assign(peer, p.Assign(msg.tasks[half:]))
+        else:
+            (t,) = msg.tasks
+            error = (f"its assignment of {len(frame):,} bytes exceeds what worker {peer.name} "
+                     f"accepts in one frame ({peer.max_frame:,} bytes)")
+            log.error("symbol %s of run %s: %s", t.symbol, t.run_id, error)
+            self._feed(c.ResultsReceived(peer.node_id, (p.TaskResult(
+                token=t.token, task_id=t.task_id, ok=False, retryable=False, error=error),),
+                self.now()))
 
     async def _write(self, records: list[c.Journal]) -> None:
         """Commit, trying again with backoff while the state DB holds it up (another
@@ -636,7 +662,8 @@ class Dispatcher:
         if old is not None:  # the same node again: its old connection is half-dead
             log.info("worker %s reconnected; closing its previous connection", hello.name)
             asyncio.get_running_loop().create_task(old.ws.close(p.CLOSE_REPLACED, "replaced"))
-        peer = _Peer(ws, "worker", hello.name, node_id)
+        peer = _Peer(ws, "worker", hello.name, node_id,
+                     max_frame=hello.max_size or self.config.dispatcher.max_frame_size)
         self._workers[node_id] = peer
         peer.send(p.Welcome(node_id=node_id, version=__version__, node_secret=secret,
                             heartbeat_interval=self.config.coordinator.heartbeat_interval))

@@ -6,7 +6,8 @@
     │   └── ConfigError            a bad config file or value
     ├── ConnectionFailed           the dispatcher cannot be used: exit code 3
     │   ├── DispatcherUnreachable  nothing answered at the URL
-    │   └── AuthenticationFailed   the dispatcher refused our token
+    │   ├── AuthenticationFailed   the dispatcher refused our token
+    │   └── ClientClosed           the client was closed while a request or stream waited
     ├── ProtocolError              a frame that breaks DESIGN §7
     │   ├── LocalProtocolError     we (or our caller) tried to send something invalid
     │   └── RemoteProtocolError    the peer sent something invalid
@@ -74,6 +75,10 @@ class ConnectionFailed(SwarmError):
 
 class DispatcherUnreachable(ConnectionFailed):
     pass
+
+
+class ClientClosed(ConnectionFailed):
+    """`Client.close()` ended what was still waiting for the dispatcher."""
 
 
 class AuthenticationFailed(ConnectionFailed):

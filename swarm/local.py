@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import interrupt
 from .client import Client
 from .config import Config
 from .dispatcher import Dispatcher
@@ -103,7 +104,9 @@ class LocalSwarm:
                      "--log-level", self.worker_log_level]
             if self.slots:
                 argv += ["--slots", str(self.slots)]
-            self.procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL))
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+            interrupt.started(proc)  # killed at once by a second Ctrl-C
+            self.procs.append(proc)
 
     def _start_workers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -143,6 +146,8 @@ class LocalSwarm:
                 proc.wait()
         if self._in_process:
             await asyncio.wait([t for _, t in self._in_process], timeout=15)
+        for proc in self.procs:
+            interrupt.ended(proc)
         self.procs.clear()
         self._in_process.clear()
         if self.dispatcher is not None:

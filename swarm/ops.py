@@ -11,6 +11,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgpack  # type: ignore[import-untyped]
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request as HttpRequest
@@ -19,8 +20,9 @@ from websockets.http11 import Response
 from . import __version__, metrics, report
 from . import core as c
 from . import protocol as p
-from .errors import ManifestError
+from .errors import ManifestError, Problem
 from .manifest import workflow_from_dict
+from .model import Workflow
 from .secrets import redact
 
 if TYPE_CHECKING:
@@ -64,21 +66,24 @@ class Operations:
         except ManifestError as e:  # the problems go back whole: the client raises them
             return self._refuse(peer, req, str(e), data={
                 "problems": [dataclasses.asdict(pr) for pr in e.problems]})
+        too_big = oversized(wf, self.d.config.dispatcher.max_frame_size)
+        if too_big:  # it would never reach a worker: say so before anything runs
+            return self._refuse(peer, req, str(ManifestError(too_big)), data={
+                "problems": [dataclasses.asdict(pr) for pr in too_big]})
         if resumed_from is not None:
             names = {s.name for s in wf.symbols}
             reuse = {k: v for k, v in old["outputs"].items() if k in names}
-        elif not a.get("new"):
-            active = self.d.core.find_active(wf.content_hash)
-            if active is not None:  # the same manifest is running: follow it, do not rerun it
-                if a.get("follow"):
-                    peer.watching.add(active)
-                peer.send(p.Reply(id=req.id, ok=True, data={"run_id": active, "attached": True}))
-                return None
+        elif not a.get("new") and self._attach(peer, req, wf):
+            return None
+        durations = await self.d.store.expected_durations(
+            wf.name, {s.name: s.dispatch for s in wf.symbols})
+        # Checked again: a deploy of the same manifest may have started it while we read.
+        # From here to the submission nothing awaits, so two deploys make one run.
+        if resumed_from is None and not a.get("new") and self._attach(peer, req, wf):
+            return None
         run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         if a.get("follow"):
             peer.watching.add(run_id)
-        durations = await self.d.store.expected_durations(
-            wf.name, {s.name: s.dispatch for s in wf.symbols})
         self.d._feed(c.RunSubmitted(run_id, wf, self.d.now(), reuse, resumed_from, durations))
         log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
                  f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "",
@@ -86,6 +91,17 @@ class Operations:
         self._reply_after_commit(peer, req, {"run_id": run_id, "attached": False,
                                              "reused": len(reuse)})
         return None
+
+    def _attach(self, peer: _Peer, req: p.Request, wf: Workflow) -> bool:
+        """The same manifest is running: follow it, do not run it twice."""
+        assert self.d.core is not None
+        active = self.d.core.find_active(wf.content_hash)
+        if active is None:
+            return False
+        if req.args.get("follow"):
+            peer.watching.add(active)
+        peer.send(p.Reply(id=req.id, ok=True, data={"run_id": active, "attached": True}))
+        return True
 
     async def _rollback(self, peer: _Peer, req: p.Request) -> None:
         """Undo a finished run's completed symbols, as a phase of its own (the run keeps
@@ -255,3 +271,28 @@ def _response(status: int, body: str, content_type: str) -> Response:
                        ("Connection", "close")])
     reason = {200: "OK", 403: "Forbidden"}.get(status, "")
     return Response(status, reason, headers, data)
+
+
+# What an assignment carries besides a symbol's parameters (ids, names, token, limits),
+# with room to spare: a frame's budget for the parameters is the frame limit less this.
+ASSIGN_OVERHEAD = 4096
+
+
+def oversized(wf: Workflow, frame_limit: int) -> list[Problem]:
+    """Symbols (or rollbacks) whose assignment would not fit in one frame to a worker: a
+    worker would refuse it, so it is a problem of the manifest, found before anything
+    runs. Only non-empty parameters are measured (msgpack, as they travel)."""
+    budget = frame_limit - ASSIGN_OVERHEAD
+    problems = []
+    for s in wf.symbols:
+        for where, spec in (("parameters", s), ("rollback.parameters", s.rollback)):
+            if spec is None or not spec.parameters:
+                continue
+            size = len(msgpack.packb(spec.parameters, use_bin_type=True)) + len(s.name)
+            if size > budget:
+                problems.append(Problem(
+                    f"{size:,} bytes of parameters: an assignment to a worker holds at most "
+                    f"{budget:,} ([dispatcher] max_frame_size = {frame_limit:,}); pass a "
+                    "path or a URL to the data instead", file=wf.source, symbol=s.name,
+                    field=where))
+    return problems

@@ -66,6 +66,7 @@ class Hello:
     # HMAC(node secret, nonce): only then may it adopt attempts or report orphaned ones.
     node_id: str = ""
     node_proof: bytes = b""
+    max_size: int = 0  # bytes of one frame the peer accepts (0: the dispatcher's limit)
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,6 +221,7 @@ class Worker:
                 slots=self.slots, labels=dict(self.config.worker.labels),
                 proof=p.proof_for(token, challenge.nonce) if challenge.auth else b"",
                 running=tuple(self._running), pid=os.getpid(), node_id=self.node_id,
+                max_size=max_size,
                 node_proof=p.proof_of(self._node_secret, challenge.nonce)
                 if self._node_secret else b"")))
             try:
