@@ -191,12 +191,26 @@ class Scheduler:
         task = run.tasks.get(name) if run else None
         return task.state if task else None
 
+    def dispatch_of(self, run_id: str | None, symbol: str | None) -> str:
+        """The backend of a symbol (or rollback) of a run held in memory; "" if unknown."""
+        run = self._runs.get(run_id or "")
+        if run is None or symbol is None:
+            return ""
+        task = run.tasks.get(symbol)
+        if task is None:
+            task = next((t for t in run.rollbacks if t.name == symbol), None)
+        return task.dispatch if task is not None else ""
+
     def find_active(self, manifest_hash: str) -> str | None:
         """An unfinished run of the manifest with this content hash, if any."""
         for run in self._runs.values():
             if run.state not in RUN_FINAL and run.hash == manifest_hash:
                 return run.id
         return None
+
+    def known_runs(self) -> list[str]:
+        """Every run held in memory, finished ones not yet forgotten included."""
+        return list(self._runs)
 
     def active_runs(self) -> list[str]:
         return [r.id for r in self._runs.values() if r.state not in RUN_FINAL]

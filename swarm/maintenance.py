@@ -10,6 +10,7 @@ group commits wait for (busy_timeout), one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -59,10 +60,8 @@ def file_bytes(path: str) -> int:
     """The DB file and its WAL: what the state takes on disk."""
     total = 0
     for name in _files(path)[:2]:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             total += os.stat(name).st_size
-        except FileNotFoundError:
-            pass
     return total
 
 
@@ -203,7 +202,7 @@ _FINAL = ", ".join(f"'{s}'" for s in FINAL_RUN_STATES)
 
 # Per symbol of one workflow, the median of its successful attempts' durations in the
 # workflow's last 10 runs: what Store.expected_durations would answer right now.
-_KEEP_OWN = f"""
+_KEEP_OWN = """
 WITH last AS (SELECT run_id FROM runs WHERE workflow = :wf ORDER BY created_at DESC LIMIT 10),
 h AS (SELECT t.symbol AS symbol, t.dispatch AS dispatch, a.duration_ms AS ms FROM attempts a
       JOIN tasks t ON t.task_id = a.task_id
