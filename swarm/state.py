@@ -578,7 +578,8 @@ class Store:
             "tasks": await self.tasks(run_id),
             "attempts": await self._rows(
                 "SELECT token, task_id, attempt, node, started_at, finished_at, outcome,"
-                " duration_ms FROM attempts WHERE run_id = ? ORDER BY id", (run_id,)),
+                " duration_ms, exit_code, error, stderr, result, truncated FROM attempts"
+                " WHERE run_id = ? ORDER BY id", (run_id,)),
             "events": await self.events(run_id),
             "nodes": await self._rows(
                 "SELECT name, slots, joined_at, left_at FROM nodes WHERE joined_at <= ?"
