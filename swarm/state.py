@@ -309,12 +309,13 @@ class _Writer:
 
 
 def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
+    con.execute("PRAGMA busy_timeout=5000")
     # Only takes effect on a new file (before its first table): prunes give space back.
     con.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # Before anything writes: a newer or foreign file is refused untouched.
+    found = maintenance.stored_version(con, path, SCHEMA_VERSION)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    con.execute("PRAGMA busy_timeout=5000")
-    found = maintenance.stored_version(con, path, SCHEMA_VERSION)
     version = SCHEMA_VERSION if found is None else found
     if version < SCHEMA_VERSION:
         maintenance.backup_beside(con, path, version)
