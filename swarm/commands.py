@@ -273,12 +273,25 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+async def _open_and_close(db: str) -> None:
+    import os
+
+    from .state import Store
+
+    if not os.path.isfile(db):
+        raise InputError(f"{db}: no such state database")
+    store = await Store.open(db)
+    await store.close()
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .maintenance import parse_duration, prune
 
     older = parse_duration(args.older_than, "--older-than")  # bad input fails here, exit 2
     cfg = load_config(args.config)
     if args.db:
+        if not args.dry_run:  # upgraded first if need be (with a backup beside it)
+            asyncio.run(_open_and_close(args.db))
         result = prune(args.db, older, dry_run=args.dry_run).to_dict()
     else:
         async def go() -> dict[str, Any]:

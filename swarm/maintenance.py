@@ -32,6 +32,7 @@ PRUNE_CHUNK_ROWS = 20_000  # rows per prune transaction: group commits wait for 
 VACUUM_STEP_PAGES = 2_000  # pages returned to the file system per transaction (8 MB)
 BUSY_TIMEOUT_MS = 10_000
 SQLITE_MAGIC = b"SQLite format 3\x00"
+PRUNABLE_SCHEMA = 3  # the first schema whose journal lets finished runs go
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
@@ -304,6 +305,13 @@ def prune(path: str, older_than: float, *, dry_run: bool = False, now: float | N
     own = con is None
     con = connect(path) if con is None else con
     try:
+        from .state import SCHEMA_VERSION  # state imports this module
+
+        version = stored_version(con, path, SCHEMA_VERSION)
+        if version is not None and version < PRUNABLE_SCHEMA:
+            raise StateError(f"{path}: schema version {version} cannot be pruned; open it "
+                             "once with this swarm (a dispatcher, or `swarm prune --db`) to "
+                             "upgrade it")
         before = file_bytes(path)
         candidates = _candidates(con, cutoff, protected)
         if dry_run:

@@ -49,19 +49,14 @@ def _signal(code: int | None) -> str | None:
         return f"signal {-code}"
 
 
-def _output(raw: str | None) -> Any:
-    """An attempt's output as stored (JSON text), values under secret-looking keys masked."""
-    return redact(json.loads(raw)) if raw is not None else None
-
-
-def _attempt(a: dict[str, Any]) -> dict[str, Any]:
+def _attempt(a: dict[str, Any], output: Any) -> dict[str, Any]:
     stderr = a.get("stderr") or ""
     return {
         "attempt": a["attempt"], "node": a["node"], "token": a["token"],
         "started_at": a["started_at"], "finished_at": a["finished_at"],
         "outcome": a["outcome"], "duration_ms": a.get("duration_ms"),
         "exit_code": a.get("exit_code"), "signal": _signal(a.get("exit_code")),
-        "error": a.get("error"), "output": _output(a.get("result")),
+        "error": a.get("error"), "output": redact(output),
         "stderr_tail": stderr[-STDERR_TAIL:], "truncated": bool(a.get("truncated")),
     }
 
@@ -142,9 +137,9 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
     resources: dict[str, dict[str, float]] = {}
     held = {s.name: s.resources for s in wf.symbols if s.resources}
     for a, (s, e) in zip(attempts, spans, strict=True):
-        one = _attempt(a)
-        per_task.setdefault(a["task_id"], []).append(one)
-        _usage(usage, one["output"])
+        output = json.loads(a["result"]) if a.get("result") is not None else None
+        per_task.setdefault(a["task_id"], []).append(_attempt(a, output))
+        _usage(usage, output)  # before redaction: `tokens` looks like a secret's name
         name = a["task_id"].split("/", 1)[1]
         for key in held.get(name, ()) if not name.endswith("/rollback") else ():
             r = resources.setdefault(key, {"acquisitions": 0, "hold_seconds": 0.0})
