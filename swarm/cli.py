@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("config", nargs="?")
     sp.add_argument("--url")
     sp.add_argument("--json", action="store_true", help="one JSON object per event")
+    sp.add_argument("--since", type=int, metavar="SEQ",
+                    help="first the run's events after this seq (0: all), from the journal")
 
     for name, what in (("pause", "stop new assignments for a run; running symbols finish"),
                        ("resume", "let a paused run go on"),
@@ -106,6 +108,25 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("run_id")
     sp.add_argument("config", nargs="?")
     sp.add_argument("--url")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("prune", "remove finished runs older than a duration, with all their records")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--older-than", required=True, metavar="DURATION",
+                    help="runs that finished longer ago than this: 30d, 12h, 90m, 1w")
+    sp.add_argument("--dry-run", action="store_true", help="count what would go; remove none")
+    sp.add_argument("--url")
+    sp.add_argument("--db", help="prune this state DB file directly, with no dispatcher "
+                                 "running on it (default: through the running dispatcher)")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("backup", "write a consistent, checked copy of the state DB while it runs")
+    sp.add_argument("file", help="the copy to write (never overwritten); with a dispatcher, "
+                                 "a path on its host")
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--url")
+    sp.add_argument("--db", help="copy this state DB file directly (default: through the "
+                                 "running dispatcher)")
     sp.add_argument("--json", action="store_true")
 
     sp = cmd("status", "show nodes, tasks and runs of the running dispatcher")
@@ -356,6 +377,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cancel": commands.cmd_control,
     "runs": commands.cmd_runs,
     "report": commands.cmd_report,
+    "prune": commands.cmd_prune,
+    "backup": commands.cmd_backup,
     "status": commands.cmd_status,
     "run": cmd_run,
     "simulate": _simulate,

@@ -70,6 +70,7 @@ class Client:
         self._listeners: list[tuple[str | None, asyncio.Queue[p.Event | None]]] = []
         self._backlog: dict[str | None, deque[p.Event]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._seqs: dict[str, int] = {}  # per run, the seq of the last event received
         self._closed_error: Exception | None = None
 
     async def __aenter__(self) -> Client:
@@ -169,6 +170,10 @@ class Client:
             queue.put_nowait(None)
 
     def _dispatch_event(self, ev: p.Event) -> None:
+        if ev.seq and ev.run_id is not None:  # a journal event: each is delivered once
+            if ev.seq <= self._seqs.get(ev.run_id, 0):
+                return
+            self._seqs[ev.run_id] = ev.seq
         heard = False
         for run_id, queue in self._listeners:
             if run_id is None or run_id == ev.run_id:
@@ -299,43 +304,81 @@ class Client:
         data = await self.request("watch", **({"run_id": run_id} if run_id else {}))
         return str(data.get("state", ""))
 
-    async def follow(self, run_id: str, on_event: Callable[[p.Event], Any] | None = None
-                     ) -> dict[str, Any]:
-        """Follow a run to its end, calling `on_event` for each event; return its record."""
+    async def _subscribe_since(self, run_id: str, since: int) -> tuple[str, int]:
+        """Ask for a run's events after seq `since` (from the journal), then its new ones;
+        the run's status and the seq of the last past event (`since` if none)."""
+        self._seqs[run_id] = since
+        data = await self.request("watch", run_id=run_id, since=since)
+        return str(data["state"]), int(data["last_seq"])
+
+    async def _run_events(self, run_id: str, since: int | None
+                          ) -> AsyncGenerator[p.Event, None]:
+        """A run's events until its end: from `since` (seq) on if given, else from now."""
         events = self.events(run_id)
         try:
-            if await self.subscribe(run_id) not in FINAL_RUN_STATES:
-                async for ev in events:
-                    if on_event is not None:
-                        on_event(ev)
-                    if ev.kind in END_EVENTS:
-                        break
+            if since is None:
+                state = await self.subscribe(run_id)
+                if state in FINAL_RUN_STATES:
+                    return
+                last = 0
+            else:
+                state, last = await self._subscribe_since(run_id, since)
+                if state in FINAL_RUN_STATES and last <= since:
+                    return  # ended, and nothing new after `since`
+            async for ev in events:
+                yield ev
+                # The past may hold an earlier end (a rollback asked for afterwards): the
+                # run ends at the first end after the past, or at the past's last event.
+                if ev.seq >= last and (ev.kind in END_EVENTS or (
+                        since is not None and state in FINAL_RUN_STATES)):
+                    return
         finally:
             await events.aclose()
+
+    async def follow(self, run_id: str, on_event: Callable[[p.Event], Any] | None = None,
+                     *, since: int | None = None) -> dict[str, Any]:
+        """Follow a run to its end, calling `on_event` for each event; return its record.
+        With `since` (a seq), the events after it come first, from the journal."""
+        async for ev in self._run_events(run_id, since):
+            if on_event is not None:
+                on_event(ev)
         return await self.run(run_id)
 
     async def wait(self, run_id: str) -> RunResult:
         """Wait for a run to end; its result."""
         return RunResult.from_record(await self.follow(run_id))
 
-    async def watch(self, run_id: str) -> AsyncIterator[RunUpdate]:
-        """Progress of a run, one update per event, until it ends (the last update is final)."""
+    async def watch(self, run_id: str, since: int | None = None
+                    ) -> AsyncIterator[RunUpdate]:
+        """Progress of a run, one update per event, until it ends (the last update is final).
+        With `since` (the `seq` of the last event seen, 0 for all), the events after it
+        come first, from the journal: a consumer that lost its connection resumes without
+        a gap or a duplicate."""
         rec = await self.run(run_id)
         main = [t for t in rec["tasks"] if t["kind"] == "main"]
-        tracker = ProgressTracker(run_id, len(main), ended_tasks(main), rec["status"])
-        events = self.events(run_id)
-        try:
-            if await self.subscribe(run_id) in FINAL_RUN_STATES:
-                tracker.status = (await self.run(run_id))["status"]
-                yield tracker.update(None)
-                return
-            async for ev in events:
-                tracker.on_event(ev)
-                yield tracker.update(ev)
-                if ev.kind in END_EVENTS:
-                    return
-        finally:
-            await events.aclose()
+        tracker = (ProgressTracker(run_id, len(main), ended_tasks(main), rec["status"])
+                   if since is None else ProgressTracker(run_id, len(main)))
+        seen = False
+        async for ev in self._run_events(run_id, since):
+            seen = True
+            tracker.on_event(ev)
+            yield tracker.update(ev)
+        if not seen:  # ended already, nothing after `since`
+            tracker.status = (await self.run(run_id))["status"]
+            yield tracker.update(None)
+
+    async def prune(self, older_than: str, *, dry_run: bool = False) -> dict[str, Any]:
+        """Remove the runs that finished more than `older_than` ago (`30d`, `12h`) through
+        the dispatcher; what it removed and the space it gave back."""
+        data: dict[str, Any] = await self.request("prune", older_than=older_than,
+                                                  dry_run=dry_run)
+        return data
+
+    async def backup(self, path: str) -> dict[str, Any]:
+        """A consistent copy of the state DB, written by the dispatcher at `path` (a path
+        on the dispatcher's host) and checked; its size and contents."""
+        data: dict[str, Any] = await self.request("backup", path=path)
+        return data
 
 
 class Run:
@@ -360,8 +403,8 @@ class Run:
     async def wait(self) -> RunResult:
         return await self.client.wait(self.run_id)
 
-    def watch(self) -> AsyncIterator[RunUpdate]:
-        return self.client.watch(self.run_id)
+    def watch(self, since: int | None = None) -> AsyncIterator[RunUpdate]:
+        return self.client.watch(self.run_id, since)
 
     async def report(self) -> dict[str, Any]:
         return await self.client.report(self.run_id)

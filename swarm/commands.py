@@ -43,16 +43,17 @@ def event_json(ev: Event) -> dict[str, Any]:
     return d
 
 
-async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = None
-                 ) -> dict[str, Any]:
-    """Follow a run to its end, live for humans or as NDJSON; print its result."""
+async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = None,
+                 since: int | None = None) -> dict[str, Any]:
+    """Follow a run to its end, live for humans or as NDJSON; print its result. With
+    `since`, the run's events after that seq first."""
     try:
         if as_json:
             def line(ev: Event) -> None:
                 if ev.run_id == run_id:
                     print(json.dumps(event_json(ev), default=str), flush=True)
 
-            run = await c.follow(run_id, line)
+            run = await c.follow(run_id, line, since=since)
             print(json.dumps({"summary": run}, default=str), flush=True)
             return run
         from .console import Follower, console, print_run
@@ -64,7 +65,7 @@ async def follow(c: Client, run_id: str, as_json: bool, *, total: int | None = N
             ended = ended_tasks(tasks)
         out = console()
         with Follower(out, run_id, total, ended) as f:
-            run = await c.follow(run_id, f.on_event)
+            run = await c.follow(run_id, f.on_event, since=since)
         print_run(out, run)
         return run
     except ConnectionFailed as e:
@@ -138,11 +139,16 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
 
+    if args.since is not None and (args.run_id is None or args.since < 0):
+        raise InputError(f"--since {args.since}: needs a RUN_ID and a seq of 0 or more")
+
     async def go() -> int:
         async with _client(args, cfg, "swarm-watch") as c:
-            await c.subscribe(args.run_id)
             if args.run_id is not None:
-                return exit_code(await follow(c, args.run_id, args.json))
+                if args.since is None:
+                    await c.subscribe(args.run_id)
+                return exit_code(await follow(c, args.run_id, args.json, since=args.since))
+            await c.subscribe(None)
             from .console import event_line
 
             async for ev in c.events():  # the whole cluster, until interrupted
@@ -263,3 +269,79 @@ def check_routable(workflow: Workflow, nodes: list[dict[str, Any]]) -> None:
         raise InputError("; ".join(lines) + f". The workers advertise: {', '.join(sorted(have))}"
                          ". Configure the backend under [backends] and pass --config; "
                          "`swarm start-worker --log-level info` says why one is not advertised.")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+async def _open_and_close(db: str) -> None:
+    import os
+
+    from .state import Store
+
+    if not os.path.isfile(db):
+        raise InputError(f"{db}: no such state database")
+    store = await Store.open(db)
+    await store.close()
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .maintenance import parse_duration, prune
+
+    older = parse_duration(args.older_than, "--older-than")  # bad input fails here, exit 2
+    cfg = load_config(args.config)
+    if args.db:
+        if not args.dry_run:  # upgraded first if need be (with a backup beside it)
+            asyncio.run(_open_and_close(args.db))
+        result = prune(args.db, older, dry_run=args.dry_run).to_dict()
+    else:
+        async def go() -> dict[str, Any]:
+            async with _client(args, cfg, "swarm-prune") as c:
+                return await c.prune(args.older_than, dry_run=args.dry_run)
+
+        result = asyncio.run(go())
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    before = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(result["cutoff"]))
+    rows = ", ".join(f"{n} {t}" for t, n in sorted(result["rows"].items()) if t != "runs")
+    if result["dry_run"]:
+        print(f"would remove {result['runs']} runs finished before {before}"
+              + (f" ({rows})" if rows else ""))
+    else:
+        print(f"removed {result['runs']} runs finished before {before}"
+              + (f" ({rows})" if rows else "")
+              + f"; {_size(result['freed_bytes'])} given back ({_size(result['bytes_before'])}"
+              f" -> {_size(result['bytes_after'])}) in {result['seconds']:.1f} s")
+    return EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    import os
+
+    from .maintenance import backup
+
+    cfg = load_config(args.config)
+    dest = os.path.abspath(args.file)
+    if os.path.exists(dest):
+        raise InputError(f"{dest}: exists already; a backup never overwrites a file")
+    if args.db:
+        result = backup(args.db, dest).to_dict()
+    else:
+        async def go() -> dict[str, Any]:
+            async with _client(args, cfg, "swarm-backup") as c:
+                return await c.backup(dest)
+
+        result = asyncio.run(go())
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {result['path']}: {_size(result['bytes'])}, integrity {result['integrity']}"
+              f", schema {result['schema_version']}, {result['runs']} runs "
+              f"({result['active_runs']} active) in {result['seconds']:.1f} s")
+    return EXIT_OK

@@ -20,7 +20,8 @@ from pathlib import Path
 import tomli
 
 from .config_reader import LOG_LEVELS, Reader
-from .errors import ConfigError
+from .errors import ConfigError, InputError
+from .maintenance import parse_duration
 from .model import RetryPolicy
 from .secrets import REFERENCE_NAME, check_source
 
@@ -43,6 +44,7 @@ class DispatcherConfig:
     max_request_size: int = 128 << 20  # bytes a client may send once authenticated (deploys)
     max_connections: int = 1000  # workers and clients at once; more are refused (1013)
     synchronous: str = "FULL"  # SQLite synchronous pragma: FULL or NORMAL
+    retention: str = ""  # finished runs older than this are pruned (`30d`); "": kept forever
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,11 @@ def _validate(cfg: Config, r: Reader) -> None:
                   "reach the dispatcher (remove the key or set it true)")
     if d.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         r.problem("dispatcher.synchronous", f"must be FULL, NORMAL or EXTRA, got {d.synchronous!r}")
+    if d.retention:
+        try:
+            parse_duration(d.retention, "retention")
+        except InputError as e:
+            r.problem("dispatcher.retention", str(e).removeprefix("retention: "))
     if d.max_frame_size < MIN_FRAME_SIZE:
         key = ("security.max_message_size" if r.line("security.max_message_size")
                else "dispatcher.max_frame_size")

@@ -6,6 +6,7 @@ logic about the workflow lives here. Scripts use `--json` instead.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -202,10 +204,16 @@ def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> 
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rep["started_at"]))
     ended = (time.strftime("%H:%M:%S", time.localtime(rep["finished_at"]))
              if rep["finished_at"] else "still running")
-    out.print(f"started {started}, ended {ended}; {rep['symbols']} symbols: "
+    out.print(f"started {started}, ended {ended}; {rep['symbol_count']} symbols: "
               + ", ".join(f"{n} {s}" for s, n in rep["totals"].items()))
     if rep.get("rollback_status"):
         out.print(f"then {_rollback_phase(rep)}")
+    if rep.get("error"):
+        e = rep["error"]
+        out.print(f"[red]{e['code']}[/]: {escape(e['message'])}"
+                  + (f" (symbol {e['symbol']})" if e["symbol"] else "")
+                  + ("" if e["recoverable"] else "; not recoverable"))
+    print_not_completed(out, rep.get("symbols", []))
     t = Table(box=_box(out), title="metrics", show_header=False)
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -243,6 +251,34 @@ def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> 
     out.print(tl)
     if len(events) > timeline_rows:
         out.print(f"({len(events) - timeline_rows} more events: --json shows all)")
+
+
+def print_not_completed(out: Console, symbols: list[dict[str, Any]], tail_lines: int = 10
+                        ) -> None:
+    """Each symbol that did not complete: why (error, exit code or signal), the end of its
+    stderr and its output, from its last attempt."""
+    for s in symbols:
+        if s["state"] in ("completed", "rolled_back"):
+            continue
+        last = s["attempts"][-1] if s["attempts"] else None
+        head = f"[bold]{escape(s['name'])}[/]" + (" (rollback)" if s["kind"] == "rollback"
+                                                    else "")
+        why = s["error"] or (last["error"] if last else None) or ""
+        if last is not None and last["signal"]:
+            why += f" [killed by {last['signal']}]"
+        elif last is not None and last["exit_code"] not in (None, 0):
+            why += f" [exit {last['exit_code']}]"
+        attempts = f", {len(s['attempts'])} attempts" if s["attempts"] else ""
+        out.print(f"{head}: {_styled(s['state'])}{attempts}: {escape(why.strip())}")
+        if last is not None and last["stderr_tail"].strip():
+            lines = last["stderr_tail"].rstrip().splitlines()[-tail_lines:]
+            out.print("  stderr (end):")
+            for line in lines:
+                out.print("    " + escape(line), highlight=False)
+        if last is not None and last["output"] not in (None, ""):
+            text = last["output"] if isinstance(last["output"], str) else json.dumps(
+                last["output"], default=str)
+            out.print("  output: " + escape(text[:500]), highlight=False)
 
 
 # Events worth a line while following a run; the rest show in the final table.

@@ -52,6 +52,7 @@ from .tasks import (
     TERMINAL,
     IllegalTransition,
     Node,
+    Refused,
     Run,
     RunState,
     Task,
@@ -222,12 +223,26 @@ class Scheduler:
         task = run.tasks.get(name) if run else None
         return task.state if task else None
 
+    def dispatch_of(self, run_id: str | None, symbol: str | None) -> str:
+        """The backend of a symbol (or rollback) of a run held in memory; "" if unknown."""
+        run = self._runs.get(run_id or "")
+        if run is None or symbol is None:
+            return ""
+        task = run.tasks.get(symbol)
+        if task is None:
+            task = next((t for t in run.rollbacks if t.name == symbol), None)
+        return task.dispatch if task is not None else ""
+
     def find_active(self, manifest_hash: str) -> str | None:
         """An unfinished run of the manifest with this content hash, if any."""
         for run in self._runs.values():
             if run.state not in RUN_FINAL and run.hash == manifest_hash and run.undo is None:
                 return run.id
         return None
+
+    def known_runs(self) -> list[str]:
+        """Every run held in memory, finished ones not yet forgotten included."""
+        return list(self._runs)
 
     def active_runs(self) -> list[str]:
         return [r.id for r in self._runs.values() if r.state not in RUN_FINAL]
@@ -347,7 +362,7 @@ class Scheduler:
         """A run's tasks and their dependency links, all pending. Ranks (the remaining path
         to the end of the DAG) are weighted by the expected durations when known."""
         if run_id in self._runs:
-            raise IllegalTransition(f"run {run_id} is already known")
+            raise Refused(f"run {run_id} is already known")
         run = Run(run_id, wf, next(self._run_seq), now)
         self._runs[run.id] = run
         analysis = planning.analyze(wf, durations or None)
@@ -457,8 +472,8 @@ class Scheduler:
         run = self._runs.get(ev.run_id)
         pause = isinstance(ev, RunPaused)
         if run is None or run.state in RUN_FINAL or run.paused == pause or run.undo:
-            raise IllegalTransition(f"run {ev.run_id} cannot be "
-                                    f"{'paused' if pause else 'resumed'} now")
+            raise Refused(f"run {ev.run_id} cannot be "
+                          f"{'paused' if pause else 'resumed'} now")
         run.paused = pause
         if pause:
             self._journal("run.paused", ev.now, run)
@@ -471,7 +486,7 @@ class Scheduler:
         else starts; with `rollback`, completed symbols are then rolled back."""
         run = self._runs.get(ev.run_id)
         if run is None or run.state in RUN_FINAL or run.cancelled or run.undo:
-            raise IllegalTransition(f"run {ev.run_id} cannot be cancelled now")
+            raise Refused(f"run {ev.run_id} cannot be cancelled now")
         run.cancelled = run.halted = True
         run.paused = False
         run.parked.clear()
@@ -497,10 +512,10 @@ class Scheduler:
         status and end stay what they were; the phase ends with `rollback.completed`."""
         run = self._runs.get(ev.run_id)
         if run is None or run.state not in (RunState.COMPLETED, RunState.FAILED):
-            raise IllegalTransition(f"run {ev.run_id} cannot be rolled back now")
+            raise Refused(f"run {ev.run_id} cannot be rolled back now")
         targets = self.undoable(run.id)
         if not targets:  # refused before anything is journaled: nothing changes
-            raise IllegalTransition(f"run {ev.run_id} has nothing to undo")
+            raise Refused(f"run {ev.run_id} has nothing to undo")
         run.undo, run.undo_started = run.state, ev.now
         run.halted = True
         run.rollback_failed = False
@@ -1106,6 +1121,7 @@ __all__ = [
     "Command",
     "Event",
     "IllegalTransition",
+    "Refused",
     "Journal",
     "NodeConnected",
     "NodeDisconnected",

@@ -33,8 +33,9 @@ from . import protocol as p
 from .access import Network, peer_allowed, resolve_allowed
 from .config import Config
 from .errors import ConfigError, RemoteProtocolError, StateBusy, StateError, SwarmError
+from .maintenance import parse_duration, retention_loop
 from .manifest import workflow_from_dict
-from .metrics import Histogram
+from .metrics import Histogram, Tally
 from .ops import Operations, _response
 from .plan import gc_paused
 from .results import FINAL_RUN_EVENTS, RunResult
@@ -107,6 +108,9 @@ class _Peer:
     def __post_init__(self) -> None:
         self.queue: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
         self.watching: set[str] = set()
+        # Runs whose past events are being read for a `watch --since`: their new events
+        # wait here, so that the past and the new join without a gap or a duplicate.
+        self.held: dict[str, list[p.Event]] = {}
         self.events_queued = 0  # events in the frames of `queue`
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
@@ -135,6 +139,14 @@ class _Peer:
         """One frame for the events of one commit. Events never block dispatch: past the
         bound they are counted, not queued (but a run's own start and end always get
         through: followers wait for them)."""
+        if self.held:
+            new = [ev for ev in events if ev.run_id not in self.held]
+            for ev in events:
+                if ev.run_id in self.held:
+                    self.held[ev.run_id].append(ev)
+            events = new
+            if not events:
+                return
         if self.events_queued >= CLIENT_QUEUE:
             kept = [ev for ev in events if ev.kind.startswith("run.")]
             self.missed += len(events) - len(kept)
@@ -198,6 +210,9 @@ class Dispatcher:
         self.refused_hellos = 0  # workers that claimed a node id without its proof
         self.stopped = asyncio.Event()
         self._allowed: tuple[Network, ...] = ()  # [security] allowed_hosts, resolved
+        self.tally = Tally()  # the counters of /metrics
+        self.pruning: set[str] = set()  # runs a prune is deleting now: never loaded again
+        self._retention: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -231,6 +246,11 @@ class Dispatcher:
         self._tasks = [self._supervise(self._flush_loop(), "flusher"),
                        self._supervise(self._tick_loop(), "ticker"),
                        self._supervise(self._watch_state(), "state watch")]
+        if self.config.dispatcher.retention:
+            self._retention = self._supervise(retention_loop(
+                parse_duration(self.config.dispatcher.retention, "[dispatcher] retention"),
+                lambda: self.ops.prune(parse_duration(self.config.dispatcher.retention))),
+                "retention")
         log.info("dispatcher %s listening on %s (state: %s)", __version__, self.url, self.db_path)
 
     @property
@@ -240,6 +260,10 @@ class Dispatcher:
         return f"{scheme}://{host}:{self.port}"
 
     async def stop(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
         if self._server is not None:
             self._server.close()  # closes connections with 1001 going away
             with contextlib.suppress(Exception):
@@ -290,7 +314,7 @@ class Dispatcher:
         """Load a run from the state DB into the core; False if there is no such run."""
         assert self.store is not None and self.core is not None
         loaded = await self.store.load_run(run_id)
-        if loaded is None:
+        if loaded is None or run_id in self.pruning:
             return False
         row, records = loaded
         wf = workflow_from_dict(row["manifest"], source=f"<run {run_id}>")
@@ -350,6 +374,8 @@ class Dispatcher:
                     commands = self.core.handle(event)
             else:
                 commands = self.core.handle(event)
+        except c.Refused:
+            raise  # a request its run does not allow now: nothing changed; the caller says so
         except Exception as e:
             # A bug of ours. The event's changes may be half made: nothing of them is
             # stored or sent, the entries before it are committed, and a restart rebuilds
@@ -363,6 +389,7 @@ class Dispatcher:
         for cmd in commands:
             if isinstance(cmd, c.Journal):
                 self._records.append(cmd)
+                self.tally.journal(cmd, self.core)
                 if cmd.kind in _LOGGED:
                     _LOGGED[cmd.kind](cmd)
                 continue
@@ -399,7 +426,7 @@ class Dispatcher:
             if records:
                 t0 = time.perf_counter()
                 try:
-                    await self._write(records)
+                    seqs = await self._write(records)
                 except BaseException:
                     self._stored[:0] = stored  # the flush loop fails them all
                     raise
@@ -425,7 +452,7 @@ class Dispatcher:
                 # The frames above go out first (their writers run now): workers wait for
                 # work, watchers only watch.
                 await asyncio.sleep(0)
-                self._publish(records)
+                self._publish(records, seqs)
 
     def _send_assign(self, peer: _Peer, msg: p.Assign) -> None:
         """Assignments in frames the worker accepts: split when too big for one. A single
@@ -447,7 +474,7 @@ class Dispatcher:
                 token=t.token, task_id=t.task_id, ok=False, retryable=False, error=error),),
                 self.now()))
 
-    async def _write(self, records: list[c.Journal]) -> None:
+    async def _write(self, records: list[c.Journal]) -> range:
         """Commit, trying again with backoff while the state DB holds it up (another
         process's lock, a full disk). Meanwhile the dispatcher serves on: heartbeats are
         heard, new events queue behind, and nothing behind these entries is sent."""
@@ -458,7 +485,7 @@ class Dispatcher:
         try:
             while True:
                 try:
-                    await self.store.write(records)
+                    seqs = await self.store.write(records)
                     break
                 except StateBusy as e:
                     waited = time.monotonic() - began
@@ -476,6 +503,7 @@ class Dispatcher:
             if warned:
                 log.warning("the state DB takes commits again after %.1f s",
                             time.monotonic() - began)
+            return seqs
         finally:
             self._writing_since = None
 
@@ -537,18 +565,19 @@ class Dispatcher:
             self._feed(c.Tick(self.now(), stalled))
             stalled = 0.0
 
-    def _publish(self, records: list[c.Journal]) -> None:
-        """The committed entries, as events, to the clients watching their runs."""
+    def _publish(self, records: list[c.Journal], seqs: range) -> None:
+        """The committed entries, as events (with their seq in the journal), to the clients
+        watching their runs."""
         if not self._clients:
             return
         batches: dict[_Peer, list[p.Event]] = {}
-        for r in records:
+        for r, seq in zip(records, seqs, strict=True):
             targets = [peer for peer in self._clients if peer.wants(r.run_id)]
             if not targets:
                 continue
             ev = p.Event(kind=r.kind, ts=r.ts, run_id=r.run_id, task_id=r.task_id,
                          symbol=r.symbol, node=r.node, attempt=r.attempt,
-                         data=redact_output(r.lean_data()))
+                         data=redact_output(r.lean_data()), seq=seq)
             for peer in targets:
                 batches.setdefault(peer, []).append(ev)
         for peer, events in batches.items():

@@ -60,7 +60,7 @@ def counter(name: str, help: str, value: float) -> list[str]:
 def render(snapshot: Mapping[str, Any], runs_by_state: Mapping[str, int],
            histograms: Iterable[Histogram], uptime: float, version: str,
            counters: Iterable[tuple[str, str, float]] = (),
-           gauges: Iterable[tuple[str, str, float]] = ()) -> str:
+           gauges: Iterable[tuple[str, str, float]] = (), extra: Iterable[str] = ()) -> str:
     """The whole /metrics page from the scheduler's snapshot and the DB's run counts."""
     nodes = snapshot["nodes"]
     lines = gauge("swarm_info", "Dispatcher version.", {version: 1}, label="version")
@@ -80,4 +80,108 @@ def render(snapshot: Mapping[str, Any], runs_by_state: Mapping[str, int],
         lines += gauge(name, help, value)
     for h in histograms:
         lines += h.render()
+    lines += extra
     return "\n".join(lines) + "\n"
+
+
+def _labels(names: Sequence[str], values: Sequence[str]) -> str:
+    return ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+
+
+def counter_family(name: str, help: str, labels: Sequence[str],
+                   values: Mapping[tuple[str, ...], float]) -> list[str]:
+    """A counter with labels (`name` ends in `_total`); no sample until one is counted."""
+    lines = [f"# HELP {name} {help}", f"# TYPE {name} counter"]
+    lines += [f"{name}{{{_labels(labels, k)}}} {v}" for k, v in sorted(values.items())]
+    return lines
+
+
+# Journal kinds that end a symbol, the state they end it in.
+_SYMBOL_END = {"symbol.completed": "completed", "symbol.failed": "failed",
+               "symbol.skipped": "skipped", "symbol.cancelled": "cancelled",
+               "symbol.rolled_back": "rolled_back"}
+_RUN_END = {"run.completed": "completed", "run.failed": "failed",
+            "run.rolled_back": "rolled_back", "run.cancelled": "cancelled"}
+
+
+class Tally:
+    """Counters of what the dispatcher journaled since it started, by kind. Taken as the
+    journal entries are made (before their commit: a commit that fails stops the
+    dispatcher, and with it these counters)."""
+
+    def __init__(self) -> None:
+        self.symbols: dict[tuple[str, ...], float] = {}  # (state, kind)
+        self.attempts: dict[tuple[str, ...], float] = {}  # (outcome, backend)
+        self.runs: dict[tuple[str, ...], float] = {}  # (status,)
+        self.retries = 0
+        self.worker_losses = 0
+
+    def journal(self, j: Any, core: Any) -> None:
+        k = j.kind
+        if k in _SYMBOL_END:
+            kind = "rollback" if (j.task_id or "").endswith("/rollback") else "main"
+            key = (_SYMBOL_END[k], kind)
+            self.symbols[key] = self.symbols.get(key, 0) + 1
+        elif k == "attempt.finished" or k == "attempt.lost":
+            d = j.data
+            outcome = ("lost" if k == "attempt.lost" else "ok" if d["ok"]
+                       else "timeout" if d["timed_out"] else "failed")
+            key = (outcome, core.dispatch_of(j.run_id, j.symbol) or "unknown")
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+        elif k == "symbol.retrying":
+            self.retries += 1
+        elif k == "node.lost":
+            self.worker_losses += 1
+        elif k in _RUN_END:
+            status = (_RUN_END[k],)
+            self.runs[status] = self.runs.get(status, 0) + 1
+
+    def render(self) -> list[str]:
+        return [
+            *counter_family("swarm_symbols_finished_total", "Symbols that reached an end "
+                            "state, by state and kind (main or rollback).", ("state", "kind"),
+                            self.symbols),
+            *counter_family("swarm_attempts_total", "Attempts that ended, by outcome (ok, "
+                            "failed, timeout, lost) and backend.", ("outcome", "backend"),
+                            self.attempts),
+            *counter("swarm_retries_total", "Symbols scheduled for another attempt after "
+                     "a failure.", self.retries),
+            *counter("swarm_worker_losses_total", "Workers declared lost (silent past "
+                     "heartbeat_timeout or disconnected without draining).",
+                     self.worker_losses),
+            *counter_family("swarm_runs_finished_total", "Runs that ended, by status.",
+                            ("status",), self.runs),
+        ]
+
+
+def process_metrics() -> list[str]:
+    """The standard process_* metrics of the Prometheus client libraries (Linux /proc)."""
+    import os
+    import resource
+
+    lines: list[str] = []
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    lines += counter("process_cpu_seconds_total", "Total user and system CPU time spent in "
+                     "seconds.", ru.ru_utime + ru.ru_stime)
+    try:
+        with open("/proc/self/statm") as f:
+            vm_pages, rss_pages = (int(x) for x in f.read().split()[:2])
+        page = os.sysconf("SC_PAGE_SIZE")
+        lines += gauge("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                       vm_pages * page)
+        lines += gauge("process_resident_memory_bytes", "Resident memory size in bytes.",
+                       rss_pages * page)
+        lines += gauge("process_open_fds", "Number of open file descriptors.",
+                       len(os.listdir("/proc/self/fd")))
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        lines += gauge("process_start_time_seconds", "Start time of the process since unix "
+                       "epoch in seconds.", btime + start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        pass  # not Linux: CPU time only
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        lines += gauge("process_max_fds", "Maximum number of open file descriptors.", soft)
+    return lines

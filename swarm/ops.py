@@ -4,6 +4,7 @@ store and send queue, and nothing here touches a socket directly."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -17,13 +18,13 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 
-from . import __version__, metrics, report
+from . import __version__, maintenance, metrics, report
 from . import core as c
 from . import protocol as p
 from .errors import ManifestError, Problem
 from .manifest import workflow_from_dict
 from .model import Workflow
-from .secrets import redact
+from .secrets import redact, redact_output
 
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher, _Peer
@@ -128,13 +129,13 @@ class Operations:
                 "message": f"run {run_id}: nothing to undo: {why}; it stays "
                            f"{row['status']}"}))
             return None
-        if self.d.core.run_state(run_id) is None:
-            await self.d._restore(run_id)
+        if state is None and not await self.d._restore(run_id):
+            return self._refuse(peer, req, f"no run {run_id!r}")  # pruned meanwhile
         if req.args.get("follow"):
             peer.watching.add(run_id)
         try:
             self.d._feed(c.RollbackRequested(run_id, self.d.now()))
-        except c.IllegalTransition as e:
+        except c.Refused as e:
             peer.watching.discard(run_id)
             return self._refuse(peer, req, str(e))
         log.info("run %s: rollback of %d symbols requested", run_id, len(targets),
@@ -177,7 +178,34 @@ class Operations:
                               data={"runs": await self.d.store.runs(a.get("limit", 20))}))
         elif req.op == "watch":
             await self._watch(peer, req)
+        elif req.op == "prune":
+            older = maintenance.parse_duration(a["older_than"], "--older-than")
+            result = await self.prune(older, dry_run=a.get("dry_run", False))
+            peer.send(p.Reply(id=req.id, ok=True, data=result.to_dict()))
+        elif req.op == "backup":
+            # On the dispatcher's host, beside the loop: a reader never blocks the writer.
+            done = await asyncio.to_thread(maintenance.backup, self.d.db_path, a["path"])
+            log.info("backup of the state database written to %s (%d bytes)", done.path,
+                     done.bytes)
+            peer.send(p.Reply(id=req.id, ok=True, data=done.to_dict()))
         return None
+
+    async def prune(self, older_than: float, *, dry_run: bool = False
+                    ) -> maintenance.PruneResult:
+        """Remove finished runs older than that, on a connection of its own in a thread:
+        the dispatcher serves meanwhile; its group commits wait for one short prune
+        transaction at a time. Runs the core holds (active, or being rolled back) stay."""
+        assert self.d.core is not None
+        protected = set(self.d.core.active_runs()) | set(self.d.core.known_runs())
+        result = await asyncio.to_thread(
+            maintenance.prune, self.d.db_path, older_than, dry_run=dry_run,
+            protected=protected, pruning=self.d.pruning)
+        if result.runs and not dry_run:
+            log.info("pruned %d runs (%d rows) finished before %s; %d bytes given back",
+                     result.runs, sum(result.rows.values()),
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(result.cutoff)),
+                     result.freed_bytes)
+        return result
 
     def _control(self, peer: _Peer, req: p.Request) -> None:
         """pause / resume / cancel: journaled like every state change, answered once stored."""
@@ -198,7 +226,7 @@ class Operations:
             peer.watching.add(run_id)
         try:
             self.d._feed(event)
-        except c.IllegalTransition as e:
+        except c.Refused as e:
             return self._refuse(peer, req, str(e))
         log_op = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}[req.op]
         self._reply_after_commit(peer, req, {"run_id": run_id, "done": log_op})
@@ -206,6 +234,8 @@ class Operations:
     async def _watch(self, peer: _Peer, req: p.Request) -> None:
         assert self.d.store is not None
         watched: str | None = req.args.get("run_id")
+        if watched is not None and req.args.get("since") is not None:
+            return await self._watch_since(peer, req, watched, req.args["since"])
         if watched is None:
             peer.watch_all = True
             return peer.send(p.Reply(id=req.id, ok=True, data={"run_id": None, "state": ""}))
@@ -223,6 +253,34 @@ class Operations:
         peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": state}))
         return None
 
+    async def _watch_since(self, peer: _Peer, req: p.Request, run_id: str, since: int) -> None:
+        """The run's events after seq `since` from the journal, then its new ones as they
+        come: the new ones wait in `peer.held` while the past is read, and those the read
+        already found are dropped, so that the stream has no gap and no duplicate."""
+        assert self.d.store is not None
+        peer.held[run_id] = []
+        peer.watching.add(run_id)
+        try:
+            await self.d.stored()
+            row = await self.d.store.run(run_id)
+            past = await self.d.store.events(run_id, since) if row is not None else []
+        finally:
+            held = peer.held.pop(run_id, [])
+        if row is None:
+            peer.watching.discard(run_id)
+            return self._refuse(peer, req, f"no run {run_id!r}")
+        last = past[-1]["seq"] if past else since
+        peer.send(p.Reply(id=req.id, ok=True, data={
+            "run_id": run_id, "state": row["status"], "last_seq": last,
+            "replayed": len(past)}))
+        events = [p.Event(kind=r["kind"], ts=r["ts"], run_id=r["run_id"], task_id=r["task_id"],
+                          symbol=r["symbol"], node=r["node"], attempt=r["attempt"],
+                          data=redact_output(r["data"]), seq=r["seq"]) for r in past]
+        events += [ev for ev in held if ev.seq > last]
+        for i in range(0, len(events), 1000):  # frames of a bounded size
+            peer.queue.put_nowait((p.encode(p.Events(tuple(events[i:i + 1000]))), 0))
+        return None
+
     # --- HTTP beside the WebSocket --------------------------------------------------------
 
     async def http(self, conn: ServerConnection, request: HttpRequest) -> Response | None:
@@ -237,7 +295,8 @@ class Operations:
             text = metrics.render(self.d.core.snapshot(), await self.d.store.runs_by_status(),
                                   (self.d.dispatch_latency, self.d.journal_latency),
                                   time.time() - self.d._started, __version__,
-                                  self.d.counters(), self.d.gauges())
+                                  self.d.counters(), self.d.gauges(),
+                                  [*self.d.tally.render(), *metrics.process_metrics()])
             return _response(200, text, "text/plain; version=0.0.4; charset=utf-8")
         return None
 

@@ -212,7 +212,9 @@ REQUEST_OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "status": {},
     "run": {"run_id": (str, True)},
     "runs": {"limit": (int, False)},
-    "watch": {"run_id": (str, False)},
+    "watch": {"run_id": (str, False), "since": (int, False)},
+    "prune": {"older_than": (str, True), "dry_run": (bool, False)},
+    "backup": {"path": (str, True)},
 }
 
 

@@ -12,12 +12,15 @@ Definitions (all times are the dispatcher's clock):
 
 from __future__ import annotations
 
+import json
+import signal
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from .manifest import workflow_from_dict
 from .plan import analyze
+from .secrets import redact
 
 
 def _union(intervals: Sequence[tuple[float, float]]) -> float:
@@ -30,9 +33,80 @@ def _union(intervals: Sequence[tuple[float, float]]) -> float:
     return total
 
 
+STDERR_TAIL = 2000  # characters of an attempt's stderr in a report: the end says why
+# The error code of a run that failed, from how its first symbol failed for good.
+ERROR_CODES = ("SYMBOL_FAILED", "SYMBOL_TIMEOUT", "SYMBOL_KILLED", "WORKER_LOST",
+               "ROLLBACK_FAILED", "RUN_CANCELLED")
+
+
+def _signal(code: int | None) -> str | None:
+    """A backend killed by a signal has a negative exit code (asyncio's convention)."""
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _attempt(a: dict[str, Any], output: Any) -> dict[str, Any]:
+    stderr = a.get("stderr") or ""
+    return {
+        "attempt": a["attempt"], "node": a["node"], "token": a["token"],
+        "started_at": a["started_at"], "finished_at": a["finished_at"],
+        "outcome": a["outcome"], "duration_ms": a.get("duration_ms"),
+        "exit_code": a.get("exit_code"), "signal": _signal(a.get("exit_code")),
+        "error": a.get("error"), "output": redact(output),
+        "stderr_tail": stderr[-STDERR_TAIL:], "truncated": bool(a.get("truncated")),
+    }
+
+
+def _usage(metrics: dict[str, float], output: Any) -> None:
+    """Add what a backend reported as `{"metrics": {"cost": ..., "tokens": ...}}`."""
+    if not isinstance(output, dict) or not isinstance(output.get("metrics"), dict):
+        return
+    for key in ("cost", "tokens"):
+        value = output["metrics"].get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[key] += value
+
+
+def _run_error(run: dict[str, Any], by_task: dict[str, dict[str, Any]],
+               events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Why a run did not complete: its first symbol that failed for good, with a code."""
+    if run["status"] in ("completed", "running", "paused"):
+        return None
+    for e in events:
+        if e["kind"] != "symbol.failed":
+            continue
+        sym = by_task.get(e["task_id"] or "")
+        last = sym["attempts"][-1] if sym and sym["attempts"] else {}
+        message = e["data"].get("error") or (last.get("error") if last else None) or "failed"
+        if sym is not None and sym["kind"] == "rollback":
+            code = "ROLLBACK_FAILED"
+        elif last.get("outcome") == "lost" or message.startswith("worker lost"):
+            code = "WORKER_LOST"
+        elif last.get("outcome") == "timeout":
+            code = "SYMBOL_TIMEOUT"
+        elif last.get("signal"):
+            code = "SYMBOL_KILLED"
+        else:
+            code = "SYMBOL_FAILED"
+        return {"code": code, "message": message, "symbol": e["symbol"],
+                "timestamp": e["ts"],
+                # A failure the backend did not call final: `deploy --resume` may get past it.
+                "recoverable": bool(e["data"].get("retryable", True))}
+    if run["status"] == "cancelled":
+        ts = next((e["ts"] for e in events if e["kind"] == "run.cancelled"), run["finished_at"])
+        return {"code": "RUN_CANCELLED", "message": "the run was cancelled", "symbol": None,
+                "timestamp": ts, "recoverable": True}
+    return None
+
+
 def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[str, Any]],
           events: list[dict[str, Any]], nodes: list[dict[str, Any]], now: float
           ) -> dict[str, Any]:
+    """The execution result of a run (the original design's fields, and more)."""
     start = run["created_at"]
     end = run["finished_at"] or now
     total = max(end - start, 1e-9)
@@ -62,6 +136,26 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
     measured = {a["task_id"].split("/", 1)[1]: (e - s) * 1000
                 for a, (s, e) in zip(attempts, spans, strict=True) if a["outcome"] == "ok"}
     actual = analyze(wf, {k: v for k, v in measured.items() if k in planned.rank})
+    per_task: dict[str, list[dict[str, Any]]] = {}
+    usage = {"cost": 0.0, "tokens": 0.0}
+    resources: dict[str, dict[str, float]] = {}
+    held = {s.name: s.resources for s in wf.symbols if s.resources}
+    for a, (s, e) in zip(attempts, spans, strict=True):
+        output = json.loads(a["result"]) if a.get("result") is not None else None
+        per_task.setdefault(a["task_id"], []).append(_attempt(a, output))
+        _usage(usage, output)  # before redaction: `tokens` looks like a secret's name
+        name = a["task_id"].split("/", 1)[1]
+        for key in held.get(name, ()) if not name.endswith("/rollback") else ():
+            r = resources.setdefault(key, {"acquisitions": 0, "hold_seconds": 0.0})
+            r["acquisitions"] += 1
+            r["hold_seconds"] += e - s
+    by_task = {t["task_id"]: {
+        "name": t["symbol"], "kind": t["kind"], "parent": t["parent"],
+        "dispatch": t["dispatch"], "state": t["state"], "error": t["error"],
+        "output": redact(t["result"]), "started_at": t["started_at"],
+        "finished_at": t["finished_at"], "attempts": per_task.get(t["task_id"], []),
+    } for t in tasks}
+    symbols = list(by_task.values())
     return {
         "run_id": run["run_id"],
         "workflow": run["workflow"],
@@ -69,14 +163,18 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
         "manifest_hash": run["manifest_hash"],
         "status": run["status"],
         "started_at": start,
+        "completed_at": run["finished_at"],
         "finished_at": run["finished_at"],
         "rollback_status": run.get("rollback_status"),
         "rollback_requested_at": undo_at,
         "rollback_finished_at": run.get("rollback_finished_at"),
         "rollback_attempts": len(undo) if undo_at is not None else 0,
+        "error": _run_error(run, by_task, events),
         "totals": dict(sorted(by_state.items())),
-        "symbols": len(main),
+        "symbol_count": len(main),
         "metrics": {
+            "cost": usage["cost"],
+            "tokens": usage["tokens"],
             "total_duration": total,
             "effective_duration": _union(spans),
             "success_rate": succeeded / len(main) if main else 0.0,
@@ -94,6 +192,13 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
             "actual_critical_path_seconds": actual.critical_length / 1000
             if measured else 0.0,
         },
-        "timeline": [{"t": e["ts"] - start, "kind": e["kind"], "symbol": e["symbol"],
-                      "node": e["node"], "attempt": e["attempt"]} for e in events],
+        "resource_usage": {
+            "resources": resources,
+            "backends": {k: {"attempts": v["attempts"], "busy_seconds": v["busy_seconds"]}
+                         for k, v in backends.items()},
+        },
+        "symbols": symbols,
+        "timeline": [{"seq": e["seq"], "t": e["ts"] - start, "kind": e["kind"],
+                      "symbol": e["symbol"], "node": e["node"], "attempt": e["attempt"]}
+                     for e in events],
     }

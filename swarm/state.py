@@ -25,12 +25,15 @@ from typing import Any
 
 import aiosqlite
 
+from . import maintenance
 from .core import Journal, TaskRecord
 from .errors import StateBusy, StateError, StateLocked
 
 log = logging.getLogger("swarm.state")
 
-SCHEMA_VERSION = 2  # 2: random attempt tokens (rows keyed by `id`), tasks.node_id
+# 2: random attempt tokens (rows keyed by `id`), tasks.node_id; 3: finished runs may be
+# pruned (events trigger, durations kept in aggregate, incremental vacuum)
+SCHEMA_VERSION = 3
 DEFAULT_DURATION_MS = 1000.0  # expected duration of a symbol with no history at all
 # SQLite's primary result codes of a write that may succeed if tried again: another
 # process holds a lock (BUSY, LOCKED), the disk is full (FULL) or failed (IOERR).
@@ -74,7 +77,13 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, seq);
 CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the event journal is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+-- The one sanctioned deletion: a finished run removed whole by a prune (maintenance.py).
+-- A condition, not a trigger dropped and made again by the prune: no DDL on a live DB
+-- (it would make every connection prepare its statements again), and the journal of a
+-- run that is not finished stays untouchable, by anyone, at all times.
+CREATE TRIGGER IF NOT EXISTS events_delete_finished_runs_only BEFORE DELETE ON events
+    WHEN OLD.run_id IS NULL OR COALESCE((SELECT status FROM runs WHERE run_id = OLD.run_id),
+        '') NOT IN ('completed', 'failed', 'rolled_back', 'cancelled')
     BEGIN SELECT RAISE(ABORT, 'the event journal is append-only'); END;
 CREATE TABLE IF NOT EXISTS rollbacks (
     run_id TEXT NOT NULL, symbol TEXT NOT NULL, spec TEXT NOT NULL,
@@ -84,6 +93,11 @@ CREATE TABLE IF NOT EXISTS rollbacks (
 CREATE TABLE IF NOT EXISTS run_rollbacks (
     run_id TEXT PRIMARY KEY, status TEXT NOT NULL, requested_at REAL NOT NULL,
     finished_at REAL);
+-- Median durations of pruned runs, so that priorities do not forget them: per symbol of a
+-- workflow, and per backend under workflow ''.
+CREATE TABLE IF NOT EXISTS durations (
+    workflow TEXT NOT NULL, symbol TEXT NOT NULL, dispatch TEXT NOT NULL, ms REAL NOT NULL,
+    samples INTEGER NOT NULL, kept_at REAL NOT NULL, PRIMARY KEY (workflow, symbol));
 """
 
 TABLES = ("nodes", "runs", "tasks", "attempts", "events", "rollbacks", "run_rollbacks")
@@ -102,7 +116,8 @@ def _json(value: Any) -> str:
 class _Batch:
     """Rows to insert and per-row column updates, merged so each row is written once."""
 
-    def __init__(self) -> None:
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq  # the last event seq given out; the next event gets seq + 1
         self.inserts: dict[str, list[tuple[Any, ...]]] = {}
         self.updates: dict[str, dict[Any, dict[str, Any]]] = {}
         self.late: dict[str, list[tuple[Any, ...]]] = {}  # after the merged updates
@@ -130,8 +145,8 @@ class _Batch:
 
 _KEYS = {"tasks": "task_id", "attempts": "token", "runs": "run_id", "nodes": "node_id",
          "run_rollbacks": "run_id"}
-_INSERT_EVENT = ("INSERT INTO events (ts, kind, run_id, task_id, symbol, node, attempt, data)"
-                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, run_id, task_id, symbol, node, attempt,"
+                 " data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 _INSERT_TASK = ("INSERT OR IGNORE INTO tasks (task_id, run_id, symbol, kind, parent, dispatch,"
                 " position, state, deps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
@@ -239,7 +254,8 @@ def _apply(b: _Batch, e: Journal) -> None:
         b.update("nodes", d["node_id"], status=k[5:], left_at=e.ts, reason=d["reason"])
     # The attempts row holds an attempt's output.
     data = e.lean_data("output") if k == "attempt.finished" else e.lean_data()
-    b.events.append((e.ts, k, e.run_id, tid, e.symbol, e.node, e.attempt, _json(data)))
+    b.seq += 1
+    b.events.append((b.seq, e.ts, k, e.run_id, tid, e.symbol, e.node, e.attempt, _json(data)))
 
 
 # Per symbol of the workflow (names as a JSON array), the median duration of its
@@ -311,23 +327,24 @@ class _Writer:
 
 
 def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute(f"PRAGMA synchronous={synchronous.upper()}")
     # Short: a commit held up by another process's lock is tried again by the dispatcher,
     # which says so after the first wait (swarm.dispatcher._write).
     con.execute("PRAGMA busy_timeout=1000")
-    version = SCHEMA_VERSION
-    if con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'"
-                   ).fetchone() is not None:
-        row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise StateError(f"{path}: schema version {version} is newer than this swarm "
-                             f"understands ({SCHEMA_VERSION}); upgrade swarm")
+    # Only takes effect on a new file (before its first table): prunes give space back.
+    con.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # Before anything writes: a newer or foreign file is refused untouched.
+    found = maintenance.stored_version(con, path, SCHEMA_VERSION)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    version = SCHEMA_VERSION if found is None else found
+    if version < SCHEMA_VERSION:
+        maintenance.backup_beside(con, path, version)
     con.execute("BEGIN IMMEDIATE")
     try:
         if version < 2:
             _upgrade_to_2(con)
+        if version < 3:
+            maintenance.upgrade_to_3(con)
         for stmt in _statements(SCHEMA):
             con.execute(stmt)
         con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -347,6 +364,8 @@ def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
         if con.in_transaction:
             con.execute("ROLLBACK")
         raise
+    if version < 3:
+        maintenance.use_incremental_vacuum(con)
 
 
 def _upgrade_to_2(con: sqlite3.Connection) -> None:
@@ -467,6 +486,9 @@ class Store:
         self.path = path
         self.write_seconds = 0.0  # total time spent committing, for metrics
         self.writes = 0
+        # The seq of the last event committed. The dispatcher is the DB's only writer, so
+        # it numbers the events itself and knows each one's seq when it publishes it.
+        self.last_seq = 0
         # workflow -> (when, (symbols, default) asked for, expected ms per symbol)
         self._durations: dict[str, tuple[float, tuple[dict[str, str], float],
                                          dict[str, float]]] = {}
@@ -481,6 +503,7 @@ class Store:
                              "share it)")
         try:
             Path(p).parent.mkdir(parents=True, exist_ok=True)
+            maintenance.check_file(p)
             lock = _lock(p)
         except OSError as e:
             raise StateError(f"{p}: cannot open state database: {e}") from None
@@ -498,7 +521,14 @@ class Store:
                 raise StateError(f"{p}: cannot open state database: {e}") from None
             raise
         db.row_factory = sqlite3.Row
-        return cls(db, writer, p, lock)
+        store = cls(db, writer, p, lock)
+        # Never a seq given before, even to events since pruned (AUTOINCREMENT keeps the
+        # highest one in sqlite_sequence).
+        rows = await store._rows(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+            " COALESCE((SELECT MAX(seq) FROM events), 0)) AS seq")
+        store.last_seq = int(rows[0]["seq"])
+        return store
 
     @classmethod
     async def open_readonly(cls, path: str | os.PathLike[str]) -> Store:
@@ -531,13 +561,14 @@ class Store:
             os.close(self._lock)  # the lock goes with it
             self._lock = -1
 
-    async def write(self, entries: Iterable[Journal]) -> None:
-        """Commit a batch of journal entries in one transaction (group commit)."""
-        b = _Batch()
+    async def write(self, entries: Iterable[Journal]) -> range:
+        """Commit a batch of journal entries in one transaction (group commit); the seqs of
+        their events, one per entry, in order."""
+        b = _Batch(self.last_seq)
         for e in entries:
             _apply(b, e)
         if not b.events:
-            return
+            return range(0)
         if self._writer is None:
             raise StateError(f"{self.path}: opened read-only")
         t0 = time.perf_counter()
@@ -549,6 +580,9 @@ class Store:
             raise _classify(self.path, e) from e
         self.write_seconds += time.perf_counter() - t0
         self.writes += 1
+        seqs = range(self.last_seq + 1, b.seq + 1)
+        self.last_seq = b.seq
+        return seqs
 
     async def reclaim(self) -> None:
         """Try to give back the WAL's space (a checkpoint that truncates it): on a full disk
@@ -661,7 +695,8 @@ class Store:
             "tasks": await self.tasks(run_id),
             "attempts": await self._rows(
                 "SELECT token, task_id, attempt, node, started_at, finished_at, outcome,"
-                " duration_ms FROM attempts WHERE run_id = ? ORDER BY id", (run_id,)),
+                " duration_ms, exit_code, error, stderr, result, truncated FROM attempts"
+                " WHERE run_id = ? ORDER BY id", (run_id,)),
             "events": await self.events(run_id),
             "nodes": await self._rows(
                 "SELECT name, slots, joined_at, left_at FROM nodes WHERE joined_at <= ?"
@@ -690,8 +725,13 @@ class Store:
         # The last 10 runs of this workflow are history enough. The medians are taken in
         # SQL, one row per symbol asked for: a deploy after a run of 100,000 symbols
         # would otherwise pull every one of its attempts into Python.
-        own = {r["symbol"]: r["ms"] for r in await self._rows(_OWN_MEDIANS, (
-            workflow, json.dumps(list(symbols))))}
+        names = json.dumps(list(symbols))
+        own = {r["symbol"]: r["ms"] for r in await self._rows(_OWN_MEDIANS, (workflow, names))}
+        if len(own) < len(symbols):  # what pruned runs knew (kept in aggregate)
+            for r in await self._rows(
+                    "SELECT symbol, ms FROM durations WHERE workflow = ? AND symbol IN"
+                    " (SELECT value FROM json_each(?))", (workflow, names)):
+                own.setdefault(r["symbol"], r["ms"])
         by_backend: dict[str, list[float]] = {}
         missing = sorted({d for name, d in symbols.items() if name not in own})
         if missing:  # only the backends of symbols without a history of their own
@@ -703,6 +743,11 @@ class Store:
                     tuple(missing)):
                 by_backend.setdefault(r["dispatch"], []).append(r["ms"])
         backend = {k: statistics.median(v) for k, v in by_backend.items()}
+        if missing and len(backend) < len(missing):
+            marks = ", ".join("?" * len(missing))
+            for r in await self._rows(f"SELECT symbol, ms FROM durations WHERE workflow = ''"
+                                      f" AND symbol IN ({marks})", tuple(missing)):
+                backend.setdefault(r["symbol"], r["ms"])
         return {name: _estimate(own[name] if name in own else backend.get(dispatch, default))
                 for name, dispatch in symbols.items()}
 
@@ -710,10 +755,11 @@ class Store:
         rows = await self._rows("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
         return {r["status"]: int(r["n"]) for r in rows}
 
-    async def events(self, run_id: str) -> list[dict[str, Any]]:
+    async def events(self, run_id: str, since: int = 0) -> list[dict[str, Any]]:
+        """A run's journal in order; only the events after seq `since` if given."""
         rows = await self._rows(
             "SELECT seq, ts, kind, run_id, task_id, symbol, node, attempt, data FROM events"
-            " WHERE run_id = ? ORDER BY seq", (run_id,))
+            " WHERE run_id = ? AND seq > ? ORDER BY seq", (run_id, since))
         for r in rows:
             r["data"] = json.loads(r["data"])
         return rows

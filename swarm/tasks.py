@@ -60,6 +60,11 @@ class IllegalTransition(SwarmError):
     """The scheduler tried a move its tables forbid: a bug in swarm, not in the input."""
 
 
+class Refused(IllegalTransition):
+    """A request the run's state does not allow now (pause a paused run, roll back a run
+    with nothing to undo): raised before anything changed, and answered to the caller."""
+
+
 class Task:
     __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                  "dependents", "deps", "node", "token", "due", "first_start", "key",

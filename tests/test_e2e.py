@@ -12,6 +12,8 @@ import pytest
 from backend_support import PHP_ENGINE, PS_ENGINE, build_rust_injector, fake_pwsh_path, find_php
 from e2e_support import REPO, Cluster, pid_alive, result_json, wait_for, write_manifest
 
+from swarm.state import SCHEMA_VERSION
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
@@ -40,7 +42,8 @@ def test_hello_runs_across_two_workers_and_every_record_is_in_the_db(cluster: Cl
     assert done.index("fetch_posts") < started.index("combine")
     assert done.index("combine") < started.index("publish")
     assert {r["node"] for r in cluster.query("SELECT node FROM attempts")} == {"w1", "w2"}
-    assert cluster.query("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"] == "2"
+    version = cluster.query("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"]
+    assert version == str(SCHEMA_VERSION)
     assert cluster.query("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
 
 

@@ -364,7 +364,7 @@ def test_report_renders_for_humans() -> None:
 
     buf = io.StringIO()
     rep = {"run_id": "r1", "workflow": "w", "version": "1", "manifest_hash": "ab" * 32,
-           "status": "completed", "started_at": 0.0, "finished_at": 2.0, "symbols": 1,
+           "status": "completed", "started_at": 0.0, "finished_at": 2.0, "symbol_count": 1,
            "totals": {"completed": 1}, "timeline": [{"t": 0.0, "kind": "run.started",
                                                      "symbol": None, "node": None,
                                                      "attempt": None}],
@@ -396,12 +396,12 @@ async def test_a_watch_is_answered_only_once_what_it_reports_is_stored(
         store = ls.dispatcher.store
         real_write, held, gate = store.write, asyncio.Event(), asyncio.Event()
 
-        async def slow_write(entries: Any) -> None:
+        async def slow_write(entries: Any) -> range:
             entries = list(entries)
             if any(e.kind == "run.completed" for e in entries):
                 held.set()
                 await gate.wait()
-            await real_write(entries)
+            return await real_write(entries)
 
         monkeypatch.setattr(store, "write", slow_write)
         run_id = (await ls.client.submit(wf, follow=False))["run_id"]

@@ -86,7 +86,7 @@ async def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             "token": -(1 << 62), "node_id": "w#1"})])
     finally:
         await store.close()
-    assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [("2",)]
+    assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
     # Kept in the order they started, the random token stored as it is; the attempt the
     # crash cut off is closed as lost at the last sign of life (none: its own start).
     assert rows(db, "SELECT token, outcome, finished_at FROM attempts ORDER BY id") == [
