@@ -40,6 +40,7 @@ from .results import FINAL_RUN_EVENTS, RunResult
 from .secrets import redact_output
 from .state import Store
 from .tls import check_listen, client_context, server_context
+from .web import Dashboard
 
 log = logging.getLogger("swarm.dispatcher")
 
@@ -164,6 +165,7 @@ class Dispatcher:
         self._sends: list[tuple[_Peer, p.Message | None]] = []
         self._stored: list[asyncio.Future[None]] = []  # resolved by the next commit
         self.ops = Operations(self)
+        self.web = Dashboard(self)  # the web dashboard: `/`, `/api/...`, `/ws/dashboard`
         self._fed_at = 0.0  # when the event behind the pending sends arrived
         self.dispatch_latency = Histogram(
             "swarm_dispatch_latency_seconds",
@@ -238,6 +240,7 @@ class Dispatcher:
             self._closing = True
             self._dirty.set()
             await flusher
+        self.web.close()
         if self.store is not None:
             await self.store.close()
         self.stopped.set()
@@ -286,7 +289,7 @@ class Dispatcher:
                         address)
             return _response(403, "host not allowed by [security] allowed_hosts\n",
                              "text/plain")
-        return await self.ops.http(conn, request)
+        return await self.ops.http(conn, request) or await self.web.http(conn, request)
 
     # --- the core loop ----------------------------------------------------------------
 
@@ -407,6 +410,8 @@ class Dispatcher:
 
     def _publish(self, records: list[c.Journal]) -> None:
         """The committed entries, as events, to the clients watching their runs."""
+        if self.web.sockets:
+            self.web.publish(records)
         if not self._clients:
             return
         batches: dict[_Peer, list[p.Event]] = {}
@@ -430,7 +435,10 @@ class Dispatcher:
             return
         self._connections += 1
         try:
-            await self._serve_peer(ws)
+            if ws.request is not None and ws.request.path.split("?")[0] == "/ws/dashboard":
+                await self.web.serve(ws)  # admitted by its cookie in web.http
+            else:
+                await self._serve_peer(ws)
         finally:
             self._connections -= 1
 
