@@ -44,11 +44,12 @@ def why_not_running(core: Scheduler | None, run_id: str, symbol: str) -> list[di
                         "text": f"wave barrier: level {task.level} starts when every symbol "
                                 f"of level {run.wave} has finished"})
     if task.state in (TaskState.READY, TaskState.PENDING):
-        out.extend(_placement(core, task))
+        out.extend(_placement(core, task, held=bool(out)))
     return out
 
 
-def _placement(core: Scheduler, task: Task) -> list[dict[str, Any]]:
+def _placement(core: Scheduler, task: Task, held: bool) -> list[dict[str, Any]]:
+    """`held`: something above holds it back already; a busy slot is then no reason."""
     out: list[dict[str, Any]] = []
     place = core._place  # noqa: SLF001 - read only
     nodes = list(core._nodes.values())  # noqa: SLF001 - read only
@@ -72,7 +73,7 @@ def _placement(core: Scheduler, task: Task) -> list[dict[str, Any]]:
         out.append({"kind": "labels", "requires": dict(task.requires),
                     "text": f"no connected worker with the {task.dispatch} backend has the "
                             f"labels {want}"})
-    elif task.state is TaskState.READY and not out:
+    elif task.state is TaskState.READY and not out and not held:
         free = sum(n.free for n in with_backend)
         out.append({"kind": "slots", "free": free,
                     "text": "queued: every slot of the workers that can run it is busy"
