@@ -171,28 +171,39 @@ Views.run = class {
     const done = (c.completed || 0) + (c.rolled_back || 0);
     const ended = total - (c.pending || 0) - (c.ready || 0) - (c.running || 0) - (c.retrying || 0);
     const end = run.finished_at || this.now();
-    const elapsed = end - run.created_at;
     let eta = "";
     if (this.isLive() && this.firstStart !== null && ended > 0 && ended < total) {
       const rate = ended / Math.max(0.001, this.now() - this.firstStart);
-      eta = fmtDur((total - ended) / rate);
+      eta = `ETA ${fmtDur((total - ended) / rate)}`;
     }
-    const bar = el("div", { class: "progress", title: STATES.map((s) => `${s}: ${c[s] || 0}`).join(", ") },
-      STATES.filter((s) => c[s]).map((s) => { const i = el("i", { class: `s-${s}` }); i.style.width = `${(100 * c[s]) / Math.max(1, total)}%`; return i; }));
-    const actions = el("span", { class: "actions" });
-    const st = run.status;
-    const add = (op, label, danger) => actions.append(el("button", { id: `act-${op}`, class: danger ? "danger" : "", text: label, onclick: () => this.action(op) }));
-    if (st === "running") add("pause", "Pause");
-    if (st === "paused") add("resume", "Resume");
-    if (st === "running" || st === "paused" || st === "rolling_back") add("cancel", "Cancel", true);
-    if (st === "completed" || st === "failed") add("rollback", "Roll back", true);
-    clear(this.head).append(...[
-      el("span", {}, el("b", { text: `${run.workflow} ${run.version}` }), " ", el("span", { id: "run-status" }, badge(st))),
-      el("span", { class: "grow" }, bar, el("span", { id: "run-progress", text: ` ${fmtInt(done)} / ${fmtInt(total)} done` }),
-        c.failed ? el("span", { class: "error", text: ` · ${fmtInt(c.failed)} failed` }) : null,
-        c.running ? el("span", { text: ` · ${fmtInt(c.running)} running` }) : null),
-      el("span", { text: `duration ${fmtDur(elapsed)}` }), eta ? el("span", { text: `ETA ${eta}` }) : null,
-      el("span", { class: "muted", text: `${run.mode}, on failure: ${run.on_failure}` }), actions].filter(Boolean));
+    if (!this.h) { // built once: its elements stay, so what a user clicks is not replaced
+      const span = (attrs) => el("span", attrs || {});
+      this.h = { status: span({ id: "run-status" }), bar: el("div", { class: "progress" }), progress: span({ id: "run-progress" }),
+        failed: span({ class: "error" }), running: span(), duration: span({ id: "run-duration" }), eta: span({ id: "run-eta" }),
+        mode: span({ class: "muted" }), actions: span({ class: "actions" }) };
+      const h = this.h;
+      clear(this.head).append(el("span", {}, el("b", { text: `${run.workflow} ${run.version}` }), " ", h.status),
+        el("span", { class: "grow" }, h.bar, h.progress, h.failed, h.running), h.duration, h.eta, h.mode, h.actions);
+    }
+    const h = this.h, st = run.status;
+    h.bar.title = STATES.map((s) => `${s}: ${c[s] || 0}`).join(", ");
+    clear(h.bar).append(...STATES.filter((s) => c[s]).map((s) => { const i = el("i", { class: `s-${s}` }); i.style.width = `${(100 * c[s]) / Math.max(1, total)}%`; return i; }));
+    h.progress.textContent = ` ${fmtInt(done)} / ${fmtInt(total)} done`;
+    h.failed.textContent = c.failed ? ` · ${fmtInt(c.failed)} failed` : "";
+    h.running.textContent = c.running ? ` · ${fmtInt(c.running)} running` : "";
+    h.duration.textContent = `duration ${fmtDur(end - run.created_at)}`;
+    h.eta.textContent = eta;
+    h.mode.textContent = `${run.mode}, on failure: ${run.on_failure}`;
+    if (h.shownStatus !== st) {
+      h.shownStatus = st;
+      clear(h.status).append(badge(st));
+      const add = (op, label, danger) => h.actions.append(el("button", { id: `act-${op}`, class: danger ? "danger" : "", text: label, onclick: () => this.action(op) }));
+      clear(h.actions);
+      if (st === "running") add("pause", "Pause");
+      if (st === "paused") add("resume", "Resume");
+      if (st === "running" || st === "paused" || st === "rolling_back") add("cancel", "Cancel", true);
+      if (st === "completed" || st === "failed") add("rollback", "Roll back", true);
+    }
   }
 
   async action(op) {
