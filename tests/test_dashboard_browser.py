@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,8 +187,10 @@ def test_a_run_progresses_live_to_completion(browser: Any, cluster: Cluster) -> 
     seen: set[str] = set()
 
     def finished(d: Any) -> bool:
+        # The status first: the progress read after it is from the same redraw or a later one.
+        done = d.find_element(By.ID, "run-status").text == "completed"
         seen.add(d.find_element(By.ID, "run-progress").text.strip())
-        return bool(d.find_element(By.ID, "run-status").text == "completed")
+        return bool(done)
 
     until(browser, finished, "the run to complete on the page", timeout=40)
     assert browser.execute_script("return window.__samePage") is True  # live, not reloaded

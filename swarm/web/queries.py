@@ -8,6 +8,7 @@ lets it read what is committed while the dispatcher writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -168,17 +169,15 @@ class Queries:
     def symbol(self, run_id: str, name: str) -> dict[str, Any] | None:
         """One symbol: its spec (parameters redacted), every attempt, its dependencies."""
         g = self.graph(run_id)
-        tasks = self._rows("SELECT task_id, symbol, kind, parent, dispatch, state, attempts,"
-                           " losses, node, due_at, started_at, finished_at, result, error"
-                           " FROM tasks WHERE run_id = ? AND symbol = ?", (run_id, name))
+        # Every column: those other issues add (progress, checkpoints) show up as they come.
+        tasks = [_extra(t, _TASK_INTERNAL) for t in self._rows(
+            "SELECT * FROM tasks WHERE run_id = ? AND symbol = ?", (run_id, name))]
         if g is None or not tasks:
             return None
         task = next((t for t in tasks if t["kind"] == "main"), tasks[0])
         task["result"] = _output(task["result"])
-        attempts = self._rows(
-            "SELECT token, attempt, node, started_at, finished_at, outcome, exit_code,"
-            " duration_ms, result, error, stderr, truncated FROM attempts WHERE task_id = ?"
-            " ORDER BY id", (task["task_id"],))
+        attempts = [_extra(a, _ATTEMPT_INTERNAL) for a in self._rows(
+            "SELECT * FROM attempts WHERE task_id = ? ORDER BY id", (task["task_id"],))]
         for a in attempts:
             a["token"] = f"{a['token'] & 0xFFFFFFFFFFFFFFFF:016x}"  # as an opaque id
             a["result"] = _output(a["result"])
@@ -239,6 +238,25 @@ def _levels(deps: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
             if not waiting[j]:
                 order.append(j)
     return tuple(level)
+
+
+_TASK_INTERNAL = ("run_id", "position", "token", "deps", "node_id")
+_ATTEMPT_INTERNAL = ("id", "task_id", "run_id")
+_KNOWN = frozenset({"task_id", "symbol", "kind", "parent", "dispatch", "state", "attempts",
+                    "losses", "node", "due_at", "started_at", "finished_at", "result", "error",
+                    "token", "attempt", "outcome", "exit_code", "duration_ms", "stderr",
+                    "truncated"})
+
+
+def _extra(row: dict[str, Any], internal: tuple[str, ...]) -> dict[str, Any]:
+    """A row without its internal columns; columns this module does not know yet (JSON
+    in TEXT, as the store writes them) decoded and redacted like outputs."""
+    out = {k: v for k, v in row.items() if k not in internal}
+    for k, v in out.items():
+        if k not in _KNOWN and isinstance(v, str) and v[:1] in ("{", "["):
+            with contextlib.suppress(ValueError):  # text after all: shown as it is
+                out[k] = redact(json.loads(v))
+    return out
 
 
 def _output(raw: str | None) -> Any:

@@ -305,7 +305,8 @@ class Dashboard:
         the change is committed."""
         rid = msg.get("id")
         op, run_id = msg.get("op"), msg.get("run_id")
-        if self.auth.required and self.auth.session(ws.request.headers) is None:
+        if self.auth.required and (ws.request is None
+                                   or self.auth.session(ws.request.headers) is None):
             return {"t": "reply", "id": rid, "ok": False, "error": "signed out"}
         if not isinstance(run_id, str) or op not in ("pause", "resume", "cancel", "rollback"):
             return {"t": "reply", "id": rid, "ok": False, "error": "unknown action"}
@@ -334,9 +335,13 @@ class Dashboard:
         else:
             if state is None or state in RUN_FINAL:
                 raise SwarmError(f"run {run_id} is not active")
-            event: c.Event = {"pause": c.RunPaused(run_id, now),
-                              "resume": c.RunResumed(run_id, now)}.get(
-                op, c.RunCancelled(run_id, now))
+            event: c.Event
+            if op == "pause":
+                event = c.RunPaused(run_id, now)
+            elif op == "resume":
+                event = c.RunResumed(run_id, now)
+            else:
+                event = c.RunCancelled(run_id, now)
             feed = lambda: d._feed(event)  # noqa: E731
         try:
             feed()

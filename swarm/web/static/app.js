@@ -181,11 +181,16 @@ Views.cluster = class {
   constructor(root) {
     this.name = "cluster"; this.root = root; this.runId = null;
     this.refresh = throttle(() => this.load(), 1000);
+    // Slot counts move with every start and end: at full speed, once every 2 s is enough.
+    this.refreshBusy = throttle(() => this.load(), 2000);
     this.ticker = setInterval(() => this.tickAges(), 1000);
     this.load();
   }
   leave() { clearInterval(this.ticker); }
-  onEvents(msg) { if (msg.t === "reload" || msg.activity || (msg.ev && msg.ev.length)) this.refresh(); }
+  onEvents(msg) {
+    if (msg.t === "reload" || (msg.ev && msg.ev.length)) this.refresh();
+    else if (msg.activity) this.refreshBusy();
+  }
   async load() {
     let d;
     try { d = await api("cluster"); } catch (e) { if (!(e instanceof SignedOut)) this.root.textContent = `Cannot load: ${e.message}`; return; }

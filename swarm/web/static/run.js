@@ -18,11 +18,35 @@ const KIND_STATE = {
 const RUN_KIND = { "run.completed": "completed", "run.failed": "failed", "run.rolled_back": "rolled_back", "run.cancelled": "cancelled",
   "run.paused": "paused", "run.rolling_back": "rolling_back", "run.rollback_requested": "rolling_back" };
 
+function siftUp(h) {
+  let i = h.length - 1;
+  while (i > 0) { const p = (i - 1) >> 1; if (h[p][0] <= h[i][0]) break; [h[p], h[i]] = [h[i], h[p]]; i = p; }
+}
+function siftDown(h) {
+  let i = 0;
+  for (;;) {
+    const l = 2 * i + 1, r = l + 1; let m = i;
+    if (l < h.length && h[l][0] < h[m][0]) m = l;
+    if (r < h.length && h[r][0] < h[m][0]) m = r;
+    if (m === i) return;
+    [h[m], h[i]] = [h[i], h[m]]; i = m;
+  }
+}
+
 function prefixOf(name) {
   const stripped = name.replace(/[._-]?\d+$/, "");
   if (stripped && stripped !== name) return stripped;
   const cut = Math.max(name.lastIndexOf("."), name.lastIndexOf("-"), name.lastIndexOf("_"));
   return cut > 0 ? name.slice(0, cut) : name;
+}
+
+// Fields the drawer lays out itself; any other (progress, checkpoint, breaker... as later
+// versions add them) is shown as it comes, by name.
+const TASK_FIELDS = new Set(["task_id", "symbol", "kind", "parent", "dispatch", "state", "attempts", "losses", "node", "due_at", "started_at", "finished_at", "result", "error"]);
+const ATTEMPT_FIELDS = new Set(["token", "attempt", "node", "started_at", "finished_at", "outcome", "exit_code", "duration_ms", "result", "error", "stderr", "truncated"]);
+function extraFields(row, known) {
+  return Object.entries(row).filter(([k, v]) => !known.has(k) && v !== null && v !== undefined)
+    .map(([k, v]) => [k.replace(/_/g, " "), typeof v === "string" ? v : JSON.stringify(v)]);
 }
 
 Views.run = class {
@@ -57,10 +81,11 @@ Views.run = class {
     if (!this.built) this.build();
     for (const k of Object.keys(this.dirty)) this.dirty[k] = true;
     this.order = null;
-    this.draw();
+    this.draw(true);
     document.body.dataset.ready = "run";
     this.loadedIn = performance.now() - this.t0;
     document.body.dataset.loadMs = String(Math.round(this.loadedIn));
+    if (!document.body.dataset.readyAt) document.body.dataset.readyAt = String(Math.round(performance.now())); // since navigation
     if (this.openSymbol) this.loadDrawer();
     if (this.tab === "water") this.loadAttempts();
   }
@@ -122,19 +147,25 @@ Views.run = class {
     }
     return null;
   }
-  // Redraws wait for the next animation frame, and the heavy panels for 250 ms more:
-  // a run at full speed costs the page a few redraws a second, not one per event.
+  // Redraws wait for the next animation frame; for a big run the header is redrawn twice
+  // a second and the panel once: a run at full speed costs the page (and the machine it
+  // may share with workers) a few redraws a second, not one per event.
   schedule() {
     if (this.frame || this.pending) return;
     const heavy = this.names && this.names.length > 2000;
     this.pending = setTimeout(() => {
       this.pending = null;
       this.frame = requestAnimationFrame(() => { this.frame = null; this.draw(); });
-    }, heavy ? 250 : 50);
+    }, heavy ? 500 : 50);
   }
-  draw() {
+  draw(force) {
     if (App.view !== this || !this.built) return;
     if (this.dirty.head) { this.drawHead(); this.dirty.head = false; }
+    if (!force && this.names.length > 2000 && performance.now() - (this.panelAt || 0) < 900) {
+      if (this.dirty[this.tab]) this.schedule();
+      return;
+    }
+    this.panelAt = performance.now();
     if (this.tab === "graph" && this.dirty.graph) { this.drawGraph(); this.dirty.graph = false; }
     if (this.tab === "table" && this.dirty.table) { this.drawTable(true); this.dirty.table = false; }
     if (this.tab === "water" && this.dirty.water && this.attemptRows) { this.drawWater(); this.dirty.water = false; }
@@ -163,7 +194,7 @@ Views.run = class {
     for (const b of this.tabs.children) b.classList.toggle("active", b.dataset.tab === tab);
     if (tab === "water" && !this.attemptRows) this.loadAttempts();
     this.dirty[tab] = true;
-    this.draw();
+    this.draw(true);
   }
 
   drawHead() {
@@ -292,7 +323,7 @@ Views.run = class {
     let list = [...groups.values()];
     if (this.groupBy === "level") list.sort((a, b) => a.key - b.key); else list.sort((a, b) => b.total - a.total);
     const shown = list.slice(0, 200);
-    const select = el("select", { id: "group-by", onchange: () => { this.groupBy = select.value; this.dirty.graph = true; this.draw(); } },
+    const select = el("select", { id: "group-by", onchange: () => { this.groupBy = select.value; this.dirty.graph = true; this.draw(true); } },
       el("option", { value: "level", text: "levels" }), el("option", { value: "prefix", text: "name prefixes" }));
     select.value = this.groupBy;
     const rows = shown.map((gr) => {
@@ -395,9 +426,9 @@ Views.run = class {
     const p = this.panels.water;
     this.waterCanvas = el("canvas", { id: "waterfall" });
     this.waterInfo = el("span", { class: "muted" });
-    const zoom = (f) => { const v = this.view; if (!v) return; const mid = (v[0] + v[1]) / 2, half = ((v[1] - v[0]) / 2) * f; this.view = [mid - half, mid + half]; this.dirty.water = true; this.draw(); };
+    const zoom = (f) => { const v = this.view; if (!v) return; const mid = (v[0] + v[1]) / 2, half = ((v[1] - v[0]) / 2) * f; this.view = [mid - half, mid + half]; this.dirty.water = true; this.draw(true); };
     p.append(el("div", { class: "tools" }, el("button", { text: "+", title: "zoom in", onclick: () => zoom(0.5) }), el("button", { text: "−", title: "zoom out", onclick: () => zoom(2) }),
-      el("button", { text: "fit", onclick: () => { this.view = null; this.dirty.water = true; this.draw(); } }),
+      el("button", { text: "fit", onclick: () => { this.view = null; this.dirty.water = true; this.draw(true); } }),
       "wheel: zoom · drag: pan · click a bar: its symbol ", this.waterInfo),
       el("div", { class: "legend" }, Object.entries({ ok: "ok", failed: "failed", timeout: "timed out", lost: "lost", running: "running" }).map(([k, label]) => {
         const i = el("i"); i.style.background = css(OUTCOME_COLOR[k]); return el("span", {}, i, label);
@@ -408,7 +439,7 @@ Views.run = class {
       if (!this.view || !this.waterGeom) return;
       e.preventDefault();
       const t = this.xToT(e.offsetX), f = e.deltaY > 0 ? 1.25 : 0.8;
-      this.view = [t - (t - this.view[0]) * f, t + (this.view[1] - t) * f]; this.dirty.water = true; this.draw();
+      this.view = [t - (t - this.view[0]) * f, t + (this.view[1] - t) * f]; this.dirty.water = true; this.draw(true);
     }, { passive: false });
     let drag = null;
     cv.addEventListener("mousedown", (e) => { drag = { x: e.clientX, view: this.view && this.view.slice(), moved: false }; });
@@ -417,7 +448,7 @@ Views.run = class {
       if (!drag || !drag.view || !this.waterGeom) return;
       const dx = e.clientX - drag.x; if (Math.abs(dx) > 3) drag.moved = true;
       const per = (drag.view[1] - drag.view[0]) / this.waterGeom.plotW;
-      this.view = [drag.view[0] - dx * per, drag.view[1] - dx * per]; this.dirty.water = true; this.draw();
+      this.view = [drag.view[0] - dx * per, drag.view[1] - dx * per]; this.dirty.water = true; this.draw(true);
     });
     cv.addEventListener("click", (e) => { if (drag && drag.moved) return; this.waterClick(e); });
   }
@@ -429,22 +460,22 @@ Views.run = class {
       const rows = [];
       for (let k = 0; k < d.symbol.length; k++) rows.push({ symbol: d.symbol[k], attempt: d.attempt[k], node: d.node[k], start: d.start[k], end: d.end[k], outcome: d.outcome[k] });
       this.attemptRows = rows; this.slots = d.slots;
-      this.dirty.water = true; this.draw();
+      this.dirty.water = true; this.draw(true);
     } catch (e) { if (!(e instanceof SignedOut)) this.waterInfo.textContent = `Cannot load attempts: ${e.message}`; }
     finally { this.loadingAttempts = false; }
   }
   lanes() {
-    // Greedy packing per node: an attempt takes the first of its node's lanes free at its
-    // start. Lanes come out as the node's busy slots.
+    // Interval partitioning per node: an attempt takes the lane that frees first, if it is
+    // free by the attempt's start, else a new one (a heap of lane ends: 100,000 attempts on
+    // 512 slots in a few ms). Lanes come out as the node's busy slots.
     const byNode = new Map(), now = this.now();
     const rows = this.attemptRows.slice().sort((a, b) => a.start - b.start);
     for (const a of rows) {
       const key = a.node || "?";
-      let ends = byNode.get(key); if (!ends) byNode.set(key, ends = []);
+      let heap = byNode.get(key); if (!heap) byNode.set(key, heap = []);
       const end = a.end === null ? now : a.end;
-      let lane = ends.findIndex((e) => e <= a.start + 1e-6);
-      if (lane < 0) { lane = ends.length; ends.push(end); } else ends[lane] = end;
-      a.lane = lane;
+      if (heap.length && heap[0][0] <= a.start + 1e-6) { a.lane = heap[0][1]; heap[0] = [end, a.lane]; siftDown(heap); }
+      else { a.lane = heap.length; heap.push([end, a.lane]); siftUp(heap); }
     }
     const names = [...byNode.keys()].sort();
     let offset = 0; const base = new Map();
@@ -534,7 +565,7 @@ Views.run = class {
       ["duration", t.started_at ? fmtDur((t.finished_at || d.now) - t.started_at) : ""],
       ["retry due", t.state === "retrying" && t.due_at ? fmtTime(t.due_at) : ""],
       ["resources", (s.resources || []).join(", ")], ["requires", Object.entries(s.requires || {}).map(([k, v]) => `${k}=${v}`).join(", ")],
-      ["progress", t.progress !== undefined ? JSON.stringify(t.progress) : ""], ["checkpoint", t.checkpoint !== undefined ? JSON.stringify(t.checkpoint) : ""]])];
+      ...extraFields(t, TASK_FIELDS)])];
     if (t.error) parts.push(el("h3", { text: "Error" }), el("pre", { class: "error", id: "symbol-error", text: t.error }));
     if (d.why && d.why.length) {
       parts.push(el("h3", { text: "Why it is not running" }), el("ul", { class: "why", id: "symbol-why" }, d.why.map((w) => el("li", { text: w.kind === "retry" ? `retry due at ${fmtTime(w.due)}` : w.text }))));
@@ -545,8 +576,7 @@ Views.run = class {
     parts.push(el("h3", { text: `Attempts (${d.attempts.length})` }));
     for (const a of d.attempts.slice().reverse()) {
       const code = a.exit_code === null || a.exit_code === undefined ? "" : a.exit_code < 0 ? `signal ${-a.exit_code}` : String(a.exit_code);
-      const known = new Set(["token", "attempt", "node", "started_at", "finished_at", "outcome", "exit_code", "duration_ms", "result", "error", "stderr", "truncated"]);
-      const extra = Object.entries(a).filter(([k]) => !known.has(k)).map(([k, v]) => [k, typeof v === "string" ? v : JSON.stringify(v)]);
+      const extra = extraFields(a, ATTEMPT_FIELDS);
       parts.push(el("div", { class: `attempt ${a.outcome}` },
         el("b", { text: `#${a.attempt} ` }), badge(a.outcome === "ok" ? "completed" : a.outcome === "running" ? "running" : "failed"), ` ${a.outcome}`,
         kv([["node", a.node], ["attempt token", a.token], ["started", fmtTime(a.started_at)], ["ended", fmtTime(a.finished_at)],
