@@ -230,6 +230,7 @@ class Dispatcher:
             self._server.close()  # closes connections with 1001 going away
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 10)
+        self.web.close()  # no request comes in any more: its reading thread may go
         if self._tasks:
             flusher, ticker = self._tasks
             ticker.cancel()
@@ -240,7 +241,6 @@ class Dispatcher:
             self._closing = True
             self._dirty.set()
             await flusher
-        self.web.close()
         if self.store is not None:
             await self.store.close()
         self.stopped.set()
