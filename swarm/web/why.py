@@ -43,7 +43,13 @@ def why_not_running(core: Scheduler | None, run_id: str, symbol: str) -> list[di
             out.append({"kind": "wave", "level": task.level, "wave": run.wave,
                         "text": f"wave barrier: level {task.level} starts when every symbol "
                                 f"of level {run.wave} has finished"})
-    if task.state in (TaskState.READY, TaskState.PENDING):
+    # The scheduler's own word, where it keeps one (`blocked`: #13's waiting reasons, with
+    # the time a `wait_for_worker` runs out); else the reasons read from its state below.
+    blocked = getattr(task, "blocked", "")
+    if blocked and task.state is TaskState.READY:
+        out.append({"kind": "waiting", "text": str(blocked),
+                    "due": getattr(task, "wait_due", None)})
+    elif task.state in (TaskState.READY, TaskState.PENDING):
         out.extend(_placement(core, task, held=bool(out)))
     return out
 

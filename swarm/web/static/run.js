@@ -568,7 +568,7 @@ Views.run = class {
       ...extraFields(t, TASK_FIELDS)])];
     if (t.error) parts.push(el("h3", { text: "Error" }), el("pre", { class: "error", id: "symbol-error", text: t.error }));
     if (d.why && d.why.length) {
-      parts.push(el("h3", { text: "Why it is not running" }), el("ul", { class: "why", id: "symbol-why" }, d.why.map((w) => el("li", { text: w.kind === "retry" ? `retry due at ${fmtTime(w.due)}` : w.text }))));
+      parts.push(el("h3", { text: "Why it is not running" }), el("ul", { class: "why", id: "symbol-why" }, d.why.map((w) => el("li", { text: w.kind === "retry" ? `retry due at ${fmtTime(w.due)}` : w.due && w.kind === "waiting" ? `${w.text} (until ${fmtTime(w.due)})` : w.text }))));
     }
     if (d.dependencies.length) parts.push(el("h3", { text: "Dependencies" }), el("p", {}, d.dependencies.map((x, k) => [k ? ", " : "", el("a", { href: `#/run/${encodeURIComponent(this.runId)}/s/${encodeURIComponent(x.symbol)}`, text: x.symbol }), " ", badge(x.state)])));
     parts.push(el("h3", { text: "Parameters" }), pre(s.parameters || {}));
