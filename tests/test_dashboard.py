@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_support import Cluster, wait_for, write_manifest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from swarm.web.auth import Auth
 from swarm.web.queries import _levels
-
-from e2e_support import Cluster, wait_for, write_manifest
 
 pytestmark = pytest.mark.e2e
 TOKEN = "dash-s3cret"
