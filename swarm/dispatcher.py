@@ -42,6 +42,7 @@ from .results import FINAL_RUN_EVENTS, RunResult
 from .secrets import redact_output
 from .state import Store
 from .tls import check_listen, client_context, server_context
+from .web import Dashboard
 
 log = logging.getLogger("swarm.dispatcher")
 
@@ -187,6 +188,7 @@ class Dispatcher:
         self._sends: list[tuple[_Peer, p.Message | None]] = []
         self._stored: list[asyncio.Future[None]] = []  # resolved by the next commit
         self.ops = Operations(self)
+        self.web = Dashboard(self)  # the web dashboard: `/`, `/api/...`, `/ws/dashboard`
         self._fed_at = 0.0  # when the event behind the pending sends arrived
         self.dispatch_latency = Histogram(
             "swarm_dispatch_latency_seconds",
@@ -268,6 +270,7 @@ class Dispatcher:
             self._server.close()  # closes connections with 1001 going away
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 10)
+        self.web.close()  # no request comes in any more: its reading thread may go
         if self._tasks:
             flusher, *others = self._tasks
             for task in others:
@@ -333,7 +336,7 @@ class Dispatcher:
                         address)
             return _response(403, "host not allowed by [security] allowed_hosts\n",
                              "text/plain")
-        return await self.ops.http(conn, request)
+        return await self.ops.http(conn, request) or await self.web.http(conn, request)
 
     # --- the core loop ----------------------------------------------------------------
 
@@ -568,6 +571,8 @@ class Dispatcher:
     def _publish(self, records: list[c.Journal], seqs: range) -> None:
         """The committed entries, as events (with their seq in the journal), to the clients
         watching their runs."""
+        if self.web.sockets:
+            self.web.publish(records)
         if not self._clients:
             return
         batches: dict[_Peer, list[p.Event]] = {}
@@ -591,7 +596,10 @@ class Dispatcher:
             return
         self._connections += 1
         try:
-            await self._serve_peer(ws)
+            if ws.request is not None and ws.request.path.split("?")[0] == "/ws/dashboard":
+                await self.web.serve(ws)  # admitted by its cookie in web.http
+            else:
+                await self._serve_peer(ws)
         finally:
             self._connections -= 1
 

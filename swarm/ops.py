@@ -21,7 +21,7 @@ from websockets.http11 import Response
 from . import __version__, maintenance, metrics, report
 from . import core as c
 from . import protocol as p
-from .errors import ManifestError, Problem
+from .errors import ManifestError, Problem, RequestRefused
 from .manifest import workflow_from_dict
 from .model import Workflow
 from .secrets import redact, redact_output
@@ -104,44 +104,73 @@ class Operations:
         peer.send(p.Reply(id=req.id, ok=True, data={"run_id": active, "attached": True}))
         return True
 
-    async def _rollback(self, peer: _Peer, req: p.Request) -> None:
+    async def rollback(self, run_id: str) -> dict[str, Any]:
         """Undo a finished run's completed symbols, as a phase of its own (the run keeps
-        its status and end); with nothing to undo, say so and change nothing."""
+        its status and end); with nothing to undo, say so and change nothing. Raises
+        RequestRefused when the run cannot be rolled back; the answer holds once the next
+        commit is stored (`Dispatcher.stored`)."""
         assert self.d.core is not None and self.d.store is not None
-        run_id = req.args["run_id"]
         state = self.d.core.run_state(run_id)
         if state is not None and state not in c.RUN_FINAL:
-            return self._refuse(peer, req, f"run {run_id} is still {state.value}")
+            raise RequestRefused(f"run {run_id} is still {state.value}")
         await self.d.stored()  # the core runs a commit ahead: read the run as it ended
         loaded = await self.d.store.load_run(run_id)
         if loaded is None:
-            return self._refuse(peer, req, f"no run {run_id!r}")
+            raise RequestRefused(f"no run {run_id!r}")
         row, records = loaded
         if row["status"] not in ("completed", "failed"):
-            return self._refuse(peer, req, f"run {run_id} is {row['status']}: only a completed "
-                                "or failed run can be rolled back")
+            raise RequestRefused(f"run {run_id} is {row['status']}: only a completed or "
+                                 "failed run can be rolled back")
         targets = _undoable(row["manifest"], records)
         if not targets:
             why = (f"its rollback ran already ({row['rollback_status']})"
                    if row["rollback_status"] else "no completed symbol of it has a rollback")
-            peer.send(p.Reply(id=req.id, ok=True, data={
-                "run_id": run_id, "nothing_to_undo": True, "status": row["status"],
-                "message": f"run {run_id}: nothing to undo: {why}; it stays "
-                           f"{row['status']}"}))
-            return None
+            return {"run_id": run_id, "nothing_to_undo": True, "status": row["status"],
+                    "message": f"run {run_id}: nothing to undo: {why}; it stays "
+                               f"{row['status']}"}
         if state is None and not await self.d._restore(run_id):
-            return self._refuse(peer, req, f"no run {run_id!r}")  # pruned meanwhile
-        if req.args.get("follow"):
-            peer.watching.add(run_id)
+            raise RequestRefused(f"no run {run_id!r}")  # pruned meanwhile
         try:
             self.d._feed(c.RollbackRequested(run_id, self.d.now()))
         except c.Refused as e:
-            peer.watching.discard(run_id)
-            return self._refuse(peer, req, str(e))
+            raise RequestRefused(str(e)) from None
         log.info("run %s: rollback of %d symbols requested", run_id, len(targets),
                  extra={"run_id": run_id})
-        self._reply_after_commit(peer, req, {"run_id": run_id, "rollbacks": len(targets),
-                                             "status": row["status"]})
+        return {"run_id": run_id, "rollbacks": len(targets), "status": row["status"]}
+
+    def control(self, op: str, run_id: str, *, rollback: bool = False) -> dict[str, Any]:
+        """pause / resume / cancel a run: journaled like every state change; the answer
+        holds once the next commit is stored. RequestRefused if the run's state does not
+        allow it now."""
+        assert self.d.core is not None
+        now = self.d.now()
+        event: c.Event
+        if op == "pause":
+            event = c.RunPaused(run_id, now)
+        elif op == "resume":
+            event = c.RunResumed(run_id, now)
+        elif op == "cancel":
+            event = c.RunCancelled(run_id, now, rollback=rollback)
+        else:
+            raise RequestRefused(f"unknown operation {op!r}")
+        state = self.d.core.run_state(run_id)
+        if state is None or state in c.RUN_FINAL:
+            raise RequestRefused(f"run {run_id!r} is not active")
+        try:
+            self.d._feed(event)
+        except c.Refused as e:
+            raise RequestRefused(str(e)) from None
+        return {"run_id": run_id, "done": {"pause": "paused", "resume": "resumed",
+                                           "cancel": "cancelled"}[op]}
+
+    async def _rollback(self, peer: _Peer, req: p.Request) -> None:
+        try:
+            data = await self.rollback(req.args["run_id"])
+        except RequestRefused as e:
+            return self._refuse(peer, req, str(e))
+        if req.args.get("follow") and not data.get("nothing_to_undo"):
+            peer.watching.add(data["run_id"])  # before the commit: it misses nothing
+        self._reply_after_commit(peer, req, data)
         return None
 
     async def request(self, peer: _Peer, req: p.Request) -> None:
@@ -208,28 +237,14 @@ class Operations:
         return result
 
     def _control(self, peer: _Peer, req: p.Request) -> None:
-        """pause / resume / cancel: journaled like every state change, answered once stored."""
-        assert self.d.core is not None
         run_id = req.args["run_id"]
-        now = self.d.now()
-        event: c.Event
-        if req.op == "pause":
-            event = c.RunPaused(run_id, now)
-        elif req.op == "resume":
-            event = c.RunResumed(run_id, now)
-        else:
-            event = c.RunCancelled(run_id, now, rollback=req.args.get("rollback", False))
-        state = self.d.core.run_state(run_id)
-        if state is None or state in c.RUN_FINAL:
-            return self._refuse(peer, req, f"run {run_id!r} is not active")
-        if req.args.get("follow"):
-            peer.watching.add(run_id)
         try:
-            self.d._feed(event)
-        except c.Refused as e:
+            data = self.control(req.op, run_id, rollback=req.args.get("rollback", False))
+        except RequestRefused as e:
             return self._refuse(peer, req, str(e))
-        log_op = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}[req.op]
-        self._reply_after_commit(peer, req, {"run_id": run_id, "done": log_op})
+        if req.args.get("follow"):
+            peer.watching.add(run_id)  # before the commit: it misses nothing
+        self._reply_after_commit(peer, req, data)
 
     async def _watch(self, peer: _Peer, req: p.Request) -> None:
         assert self.d.store is not None
