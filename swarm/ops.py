@@ -195,8 +195,11 @@ class Operations:
             if rows is None:
                 return self._refuse(peer, req, f"no run {a['run_id']!r}")
             if req.op == "report":
-                data = report.build(rows["run"], rows["tasks"], rows["attempts"],
-                                    rows["events"], rows["nodes"], time.time())
+                # Built on a thread: a report of 100,000 symbols must not hold up the
+                # event loop (heartbeats, commits, other clients).
+                data = await asyncio.to_thread(
+                    report.build, rows["run"], rows["tasks"], rows["attempts"],
+                    rows["events"], rows["nodes"], time.time())
             else:
                 data = {k: v for k, v in rows["run"].items() if k != "manifest"}
                 # Outputs as users see them: values under secret-looking names masked.

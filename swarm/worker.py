@@ -110,6 +110,7 @@ class Worker:
         self._task: asyncio.Task[int] | None = None
         self._welcomed = False  # the current (or last) connection was accepted
         self.completed = 0
+        self.failed: BaseException | None = None  # a background task's unexpected end
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -142,7 +143,9 @@ class Worker:
         # Once, before any attempt: how nothing a backend starts outlives it (README).
         log.info("worker %s: containment: %s", self.name, self.backends.contain().describe())
         try:
-            conn = asyncio.get_running_loop().create_task(self._connect_loop())
+            conn = asyncio.get_running_loop().create_task(self._connect_loop(),
+                                                          name="connection")
+            conn.add_done_callback(self._supervise)
             await self._stopping.wait()
             await self._drain()
             conn.cancel()
@@ -154,7 +157,18 @@ class Worker:
         finally:
             self.backends.close()
         log.info("worker %s: stopped after %d results", self.name, self.completed)
-        return 0
+        return 1 if self.failed is not None else 0
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        """A background task that ends by an unexpected exception stops the worker (exit 1)
+        instead of leaving it up without, say, its connection or its heartbeats."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("worker %s: its %s task failed; stopping", self.name, task.get_name(),
+                     exc_info=task.exception())
+        if self.failed is None:
+            self.failed = task.exception()
+        self.request_stop()
 
     async def _drain(self) -> None:
         grace = self.config.worker.shutdown_grace / 1000.0
@@ -248,7 +262,8 @@ class Worker:
             if self._unacked:  # results the last connection did not see acknowledged
                 self._outbox.extend(self._unacked.values())
                 self._schedule_flush()
-            beat = asyncio.get_running_loop().create_task(self._heartbeat(ws))
+            beat = asyncio.get_running_loop().create_task(self._heartbeat(ws), name="heartbeat")
+            beat.add_done_callback(self._supervise)
             try:
                 async for frame in ws:
                     self._on_message(p.decode(frame, max_size))

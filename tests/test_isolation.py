@@ -191,3 +191,21 @@ def test_a_scheduler_that_raises_stops_the_dispatcher_and_a_restart_resumes(
             faulty.send_signal(signal.SIGKILL)
             faulty.wait()
         log.close()
+
+
+async def test_a_worker_whose_background_task_fails_stops_with_exit_1(tmp_path: Path) -> None:
+    import asyncio
+
+    from swarm.config import Config
+    from swarm.dispatcher import Dispatcher
+    from swarm.worker import Worker
+
+    async with Dispatcher(Config(), port=0, db_path=str(tmp_path / "s.db")) as d:
+        w = Worker(Config(), name="w1", url=d.url)
+
+        async def broken(ws: object) -> None:
+            raise RuntimeError("injected fault in the heartbeat")
+
+        w._heartbeat = broken  # type: ignore[method-assign]
+        code = await asyncio.wait_for(w.run(), 30)
+    assert code == 1 and isinstance(w.failed, RuntimeError)
