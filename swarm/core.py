@@ -251,11 +251,10 @@ class Scheduler:
         """What `swarm status` shows of the live scheduler."""
         counts: dict[str, int] = {s.value: 0 for s in TaskState}
         runs = []
-        for run in self._runs.values():
-            per: dict[str, int] = {}
-            for t in itertools.chain(run.tasks.values(), run.rollbacks):
-                counts[t.state.value] += 1
-                per[t.state.value] = per.get(t.state.value, 0) + 1
+        for run in self._runs.values():  # O(runs): each run keeps its counts per state
+            per = {s.value: n for s, n in run.counts.items() if n}
+            for state, n in per.items():
+                counts[state] += n
             if run.state not in RUN_FINAL:
                 runs.append({"run_id": run.id, "workflow": run.workflow.name,
                              "state": "paused" if run.paused else run.state.value, "tasks": per,
@@ -270,21 +269,25 @@ class Scheduler:
 
     def _unrunnable(self, most: int = 100) -> list[dict[str, Any]]:
         """Ready symbols that no connected worker could ever run (backend or labels), with
-        the reason, and when their `wait_for_worker` runs out (None: never)."""
+        the reason, and when their `wait_for_worker` runs out (None: never). From the
+        index of waiting symbols; only in the grace after a restart, when nothing is
+        marked waiting yet, are the ready symbols looked through."""
         out: list[dict[str, Any]] = []
-        for run in self._runs.values():
-            if run.state in RUN_FINAL:
-                continue
-            for t in itertools.chain(run.tasks.values(), run.rollbacks):
-                if t.state is not TaskState.READY:
-                    continue
-                reason = t.blocked or self._reason(_need(t))
-                if reason:
-                    out.append({"run_id": run.id, "symbol": t.name, "dispatch": t.dispatch,
-                                "requires": dict(t.requires), "reason": reason,
-                                "due": t.wait_due})
-                    if len(out) >= most:
-                        return out
+        if self._settle_at is None:
+            tasks: Iterable[Task] = (t for waiting in self._waiting.values()
+                                     for t in waiting.values())
+        else:
+            tasks = (t for run in self._runs.values() if run.state not in RUN_FINAL
+                     for t in itertools.chain(run.tasks.values(), run.rollbacks)
+                     if t.state is TaskState.READY)
+        for t in tasks:
+            reason = t.blocked or self._reason(_need(t))
+            if reason:
+                out.append({"run_id": t.run.id, "symbol": t.name, "dispatch": t.dispatch,
+                            "requires": dict(t.requires), "reason": reason,
+                            "due": t.wait_due})
+                if len(out) >= most:
+                    break
         return out
 
     def forget_finished(self) -> None:
@@ -326,6 +329,10 @@ class Scheduler:
                     assert all(d.state in done for d in t.deps), \
                         f"{t.id} started before its dependencies"
             assert unfinished == run.unfinished, (run.id, unfinished, run.unfinished)
+            per: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
+            for t in itertools.chain(run.tasks.values(), run.rollbacks):
+                per[t.state] += 1
+            assert per == run.counts, (run.id, per, run.counts)
         for need, tasks in self._waiting.items():
             for t in tasks.values():
                 assert t.state is TaskState.READY and t.blocked, t.id
@@ -1090,6 +1097,9 @@ class Scheduler:
         """Put a task in a state without a transition: only for rebuilding from records."""
         if state in TERMINAL and task.state not in TERMINAL:
             task.run.unfinished -= 1
+        counts = task.run.counts
+        counts[task.state] -= 1
+        counts[state] += 1
         task.state = state
 
     def _set(self, task: Task, state: TaskState) -> None:
@@ -1102,6 +1112,9 @@ class Scheduler:
         if state in TERMINAL and task.state not in TERMINAL:
             task.run.unfinished -= 1
             self._by_token.pop(task.token, None)
+        counts = task.run.counts
+        counts[task.state] -= 1
+        counts[state] += 1
         task.state = state
 
     def _journal(self, kind: str, now: float, run: Run | None = None, task: Task | None = None,

@@ -74,6 +74,7 @@ class Task:
     def __init__(self, run: Run, name: str, kind: str, spec: Symbol | RollbackSpec,
                  parent: Task | None = None) -> None:
         self.run = run
+        run.counts[TaskState.PENDING] += 1
         self.name = name
         self.kind = kind  # "main" | "rollback"
         self.id = f"{run.id}/{name}" if kind == "main" else f"{run.id}/{parent.name}/rollback"  # type: ignore[union-attr]
@@ -116,7 +117,7 @@ class Run:
     __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
                  "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash",
                  "paused", "parked", "cancelled", "waves", "wave", "by_level", "undo",
-                 "undo_started")
+                 "undo_started", "counts")
 
     def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
         self.id = run_id
@@ -125,6 +126,9 @@ class Run:
         self.state = RunState.RUNNING
         self.tasks: dict[str, Task] = {}
         self.rollbacks: list[Task] = []
+        # Its tasks (main and rollback) per state, kept as they move: `swarm status` and
+        # the dashboard read them without walking 100,000 tasks on the event loop.
+        self.counts: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
         self.unfinished = 0  # tasks (main and rollback) not yet terminal
         self.failed = False
         self.halted = False  # no new main symbols start
