@@ -251,3 +251,22 @@ def result_json(cp: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     except (json.JSONDecodeError, IndexError, KeyError):
         raise AssertionError(
             f"not JSON (exit {cp.returncode}):\n{cp.stdout}\n{cp.stderr}") from None
+
+
+def delays_manifest(folder: Path, name: str, count: int, ms: int, extra: str = "") -> Path:
+    """A manifest of `count` independent symbols that each sleep `ms` (internal `delay`),
+    then the symbol lines of `extra`."""
+    body = "".join(f"  - {{name: s{j}, type: action, parameters: {{handler: delay, ms: {ms}}}}}\n"
+                   for j in range(count))
+    return write_manifest(folder, f"name: {name}\nversion: \"1\"\nsymbols:\n{body}{extra}",
+                          name=f"{name}.yaml")
+
+
+def assert_no_losses(cluster: Cluster) -> None:
+    """No attempt or worker was lost, and no symbol ran twice."""
+    lost = cluster.query("SELECT kind, node FROM events WHERE kind IN"
+                         " ('attempt.lost', 'node.lost')")
+    assert lost == [], lost
+    again = cluster.query("SELECT task_id, COUNT(*) AS n FROM attempts GROUP BY task_id"
+                          " HAVING n > 1")
+    assert again == [], again

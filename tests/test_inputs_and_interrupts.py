@@ -11,19 +11,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from e2e_support import Cluster, env, pid_alive, swarm_argv, wait_for, write_manifest
+from e2e_support import (
+    Cluster,
+    delays_manifest,
+    env,
+    pid_alive,
+    swarm_argv,
+    wait_for,
+)
 
 from swarm.client import Client
 from swarm.errors import ClientClosed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
-
-
-def _delays(folder: Path, name: str, count: int, ms: int, extra: str = "") -> Path:
-    body = "".join(f"  - {{name: s{j}, type: action, parameters: {{handler: delay, ms: {ms}}}}}\n"
-                   for j in range(count))
-    return write_manifest(folder, f"name: {name}\nversion: \"1\"\nsymbols:\n{body}{extra}",
-                          name=f"{name}.yaml")
 
 
 def _connections(cluster: Cluster, worker: str) -> int:
@@ -34,9 +34,9 @@ def test_a_two_megabyte_parameter_is_refused_before_it_runs_and_harms_nobody(
         cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_dispatcher()
     cluster.start_worker("w1", slots=2)
-    healthy = cluster.detach(_delays(tmp_path, "healthy", 40, 50))
+    healthy = cluster.detach(delays_manifest(tmp_path, "healthy", 40, 50))
     big = "x" * (2 << 20)
-    poison = _delays(tmp_path, "poison", 1, 1, extra=f"  - {{name: huge, type: action, "
+    poison = delays_manifest(tmp_path, "poison", 1, 1, extra=f"  - {{name: huge, type: action, "
                                                       f"parameters: {{blob: {big}}}}}\n")
     cp = cluster.deploy(poison)
     assert cp.returncode == 2, cp.stderr
@@ -56,7 +56,7 @@ def test_an_assignment_too_big_for_its_worker_fails_that_symbol_alone(
     small = cluster.write_config("small.toml", "\n[dispatcher]\nmax_frame_size = 524288\n")
     cluster.start_worker("w1", config=small, slots=2)
     blob = "y" * 700_000  # fits the dispatcher's 1 MiB, not this worker's 512 KiB
-    m = _delays(tmp_path, "mixed", 10, 10, extra=f"  - {{name: wide, type: action, "
+    m = delays_manifest(tmp_path, "mixed", 10, 10, extra=f"  - {{name: wide, type: action, "
                                                   f"retries: 3, parameters: {{blob: {blob}}}}}\n")
     m.write_text(m.read_text().replace("name: mixed", "name: mixed\non_failure: continue"))
     cp = cluster.deploy(m)
@@ -73,7 +73,7 @@ def test_two_concurrent_deploys_of_one_manifest_make_one_run(
         cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_dispatcher()
     cluster.start_worker("w1", slots=2)
-    m = _delays(tmp_path, "twice", 4, 300)
+    m = delays_manifest(tmp_path, "twice", 4, 300)
 
     async def both() -> list[str]:
         async with Client(cluster.url) as a, Client(cluster.url) as b:
@@ -90,7 +90,7 @@ def test_closing_a_client_ends_its_pending_requests_and_streams(
         cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_dispatcher()
     cluster.start_worker("w1", slots=1)
-    m = _delays(tmp_path, "long", 1, 20_000)
+    m = delays_manifest(tmp_path, "long", 1, 20_000)
 
     async def go() -> tuple[BaseException | None, BaseException | None]:
         client = Client(cluster.url)
@@ -123,7 +123,7 @@ def _children(pid: int) -> list[int]:
 
 def test_a_second_ctrl_c_on_swarm_run_stops_at_once_without_a_traceback(
         tmp_path: Path) -> None:
-    m = _delays(tmp_path, "interrupted", 4, 30_000)
+    m = delays_manifest(tmp_path, "interrupted", 4, 30_000)
     db = tmp_path / "run.db"
     err = open(tmp_path / "run.err", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(swarm_argv("run", str(m), "--workers", "2", "--db", str(db)),

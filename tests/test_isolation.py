@@ -16,25 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import Cluster, env, free_port, wait_for, write_manifest
+from e2e_support import (
+    Cluster,
+    assert_no_losses,
+    delays_manifest,
+    env,
+    free_port,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
-
-
-def _delays(folder: Path, name: str, count: int, ms: int) -> Path:
-    body = "".join(f"  - {{name: s{j}, type: action, parameters: {{handler: delay, ms: {ms}}}}}\n"
-                   for j in range(count))
-    return write_manifest(folder, f"name: {name}\nversion: \"1\"\nsymbols:\n{body}",
-                          name=f"{name}.yaml")
-
-
-def _no_losses(cluster: Cluster) -> None:
-    lost = cluster.query("SELECT kind, node FROM events WHERE kind IN"
-                         " ('attempt.lost', 'node.lost')")
-    assert lost == [], lost
-    again = cluster.query("SELECT task_id, COUNT(*) AS n FROM attempts GROUP BY task_id"
-                          " HAVING n > 1")
-    assert again == [], again
 
 
 def test_a_second_dispatcher_on_the_same_db_refuses_naming_the_holder(
@@ -60,7 +51,7 @@ def test_an_outside_write_lock_of_ten_seconds_costs_no_work_and_no_worker(
     cluster.start_dispatcher()
     cluster.start_worker("w1", slots=4)
     cluster.start_worker("w2", slots=4)
-    run_id = cluster.detach(_delays(tmp_path, "locked", 2000, 10))
+    run_id = cluster.detach(delays_manifest(tmp_path, "locked", 2000, 10))
     wait_for(lambda: len(cluster.query("SELECT 1 FROM tasks WHERE state = 'completed'"))
              >= 100, what="the run to be under way")
     con = sqlite3.connect(cluster.db, timeout=10, isolation_level=None)
@@ -80,7 +71,7 @@ def test_an_outside_write_lock_of_ten_seconds_costs_no_work_and_no_worker(
         con.close()
     wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=120,
              what="the run to complete")
-    _no_losses(cluster)
+    assert_no_losses(cluster)
     assert len(cluster.query("SELECT 1 FROM attempts WHERE outcome = 'ok'")) == 2000
     assert max(stalled) > 5.0, stalled  # /metrics answered all along, and said so
     log = cluster.log("dispatcher")
@@ -108,7 +99,7 @@ def test_a_full_file_system_holds_commits_until_there_is_room(tmp_path: Path) ->
         try:
             cluster.start_dispatcher()
             cluster.start_worker("w1", slots=4)
-            run_id = cluster.detach(_delays(tmp_path, "full", 400, 20))
+            run_id = cluster.detach(delays_manifest(tmp_path, "full", 400, 20))
             wait_for(lambda: cluster.query("SELECT 1 FROM tasks WHERE state = 'completed'"),
                      what="the run to be under way")
             filler = small / "filler"
@@ -125,7 +116,7 @@ def test_a_full_file_system_holds_commits_until_there_is_room(tmp_path: Path) ->
             filler.unlink()
             wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=90,
                      what="the run to complete once there is room")
-            _no_losses(cluster)
+            assert_no_losses(cluster)
             assert len(cluster.query("SELECT 1 FROM attempts WHERE outcome = 'ok'")) == 400
         finally:
             cluster.close()
@@ -176,7 +167,7 @@ def test_a_scheduler_that_raises_stops_the_dispatcher_and_a_restart_resumes(
         cluster.url = wait_for(lambda: ready.exists() and ready.read_text().strip(),
                                what="the faulty dispatcher to listen")
         cluster.start_worker("w1", slots=1)
-        run_id = cluster.detach(_delays(tmp_path, "faulty", 12, 10))
+        run_id = cluster.detach(delays_manifest(tmp_path, "faulty", 12, 10))
         assert faulty.wait(30) == 1  # stopped, not serving on without its scheduler
         text = (tmp_path / "faulty.log").read_text()
         assert "the scheduler could not apply ResultsReceived" in text

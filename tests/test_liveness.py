@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import Cluster, free_port, pid_alive, wait_for, write_manifest
+from e2e_support import (
+    Cluster,
+    assert_no_losses,
+    delays_manifest,
+    free_port,
+    pid_alive,
+    wait_for,
+    write_manifest,
+)
 
 from swarm import protocol as p
 from swarm.client import Client
@@ -37,23 +45,6 @@ def _one_second_cluster(root: Path) -> Cluster:
     return cl
 
 
-def _delays(folder: Path, name: str, count: int, ms: int) -> Path:
-    """A manifest of `count` independent symbols that each take `ms`."""
-    body = "".join(f"  - {{name: s{j}, type: action, parameters: {{handler: delay, ms: {ms}}}}}\n"
-                   for j in range(count))
-    return write_manifest(folder, f"name: {name}\nversion: \"1\"\nsymbols:\n{body}",
-                          name=f"{name}.yaml")
-
-
-def _no_losses(cluster: Cluster) -> None:
-    lost = cluster.query("SELECT kind, node, data FROM events WHERE kind IN"
-                         " ('attempt.lost', 'node.lost')")
-    assert lost == [], lost
-    again = cluster.query("SELECT task_id, COUNT(*) AS n FROM attempts GROUP BY task_id"
-                          " HAVING n > 1")
-    assert again == [], again
-
-
 def test_fifty_concurrent_deploys_with_one_second_heartbeats_lose_nothing(
         tmp_path: Path) -> None:
     cluster = _one_second_cluster(tmp_path)
@@ -61,7 +52,7 @@ def test_fifty_concurrent_deploys_with_one_second_heartbeats_lose_nothing(
         cluster.start_dispatcher()
         cluster.start_worker("w1", slots=4)
         cluster.start_worker("w2", slots=4)
-        manifests = [_delays(tmp_path, f"load-{i}", 12, 30) for i in range(50)]
+        manifests = [delays_manifest(tmp_path, f"load-{i}", 12, 30) for i in range(50)]
 
         async def deploy_all() -> list[str]:
             async with Client(cluster.url) as client:
@@ -71,7 +62,7 @@ def test_fifty_concurrent_deploys_with_one_second_heartbeats_lose_nothing(
 
         statuses = asyncio.run(asyncio.wait_for(deploy_all(), 150))
         assert statuses == ["completed"] * 50
-        _no_losses(cluster)
+        assert_no_losses(cluster)
         assert len(cluster.query("SELECT 1 FROM attempts WHERE outcome = 'ok'")) == 600
     finally:
         cluster.close()
@@ -84,7 +75,7 @@ def test_a_dispatcher_stopped_for_three_heartbeat_intervals_loses_nothing(
         cluster.start_dispatcher()
         cluster.start_worker("w1", slots=4)
         cluster.start_worker("w2", slots=4)
-        run_id = cluster.detach(_delays(tmp_path, "stopped", 16, 1500))
+        run_id = cluster.detach(delays_manifest(tmp_path, "stopped", 16, 1500))
         wait_for(lambda: len(cluster.query("SELECT 1 FROM tasks WHERE state = 'running'"))
                  >= 8, what="symbols to run")
         disp = cluster.procs["dispatcher"]
@@ -95,7 +86,7 @@ def test_a_dispatcher_stopped_for_three_heartbeat_intervals_loses_nothing(
             os.kill(disp.pid, signal.SIGCONT)
         wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=60,
                  what="the run to complete")
-        _no_losses(cluster)
+        assert_no_losses(cluster)
         assert cluster.query("SELECT 1 FROM events WHERE kind = 'dispatcher.stalled'")
         assert "stalled for" in cluster.log("dispatcher")
     finally:
@@ -184,7 +175,7 @@ def test_workers_are_back_within_a_second_after_each_of_six_restarts(
         cluster.start_dispatcher(port=port)
         for name in ("w1", "w2"):
             cluster.start_worker(name, slots=2)
-        run_id = cluster.detach(_delays(tmp_path, "restarts", 30, 700))
+        run_id = cluster.detach(delays_manifest(tmp_path, "restarts", 30, 700))
         back: list[float] = []
         for _ in range(6):
             cluster.kill("dispatcher")
@@ -280,7 +271,7 @@ def test_an_outside_write_lock_of_three_seconds_loses_nothing(tmp_path: Path) ->
         cluster.start_dispatcher()
         cluster.start_worker("w1", slots=4)
         cluster.start_worker("w2", slots=4)
-        run_id = cluster.detach(_delays(tmp_path, "locked", 40, 300))
+        run_id = cluster.detach(delays_manifest(tmp_path, "locked", 40, 300))
         wait_for(lambda: cluster.query("SELECT 1 FROM tasks WHERE state = 'completed'"),
                  what="the run to be under way")
         con = sqlite3.connect(cluster.db, timeout=10, isolation_level=None)
@@ -292,6 +283,6 @@ def test_an_outside_write_lock_of_three_seconds_loses_nothing(tmp_path: Path) ->
             con.close()
         wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=60,
                  what="the run to complete")
-        _no_losses(cluster)
+        assert_no_losses(cluster)
     finally:
         cluster.close()
