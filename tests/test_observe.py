@@ -156,9 +156,9 @@ def test_pause_resume_and_cancel_are_recorded_and_survive_a_restart(cluster: Clu
         name: steer
         version: "1"
         symbols:
-          - {name: a, type: action, parameters: {handler: delay, ms: 500}}
+          - {name: a, type: action, parameters: {handler: delay, ms: 3000}}
           - {name: b, type: action, dependencies: [a], parameters: {handler: noop}}
-    """)
+    """)  # a lasts long enough for a CLI process to start and pause the run on a busy host
     run_id = cluster.detach(m)
     wait_for(lambda: cluster.tasks(run_id)["a"]["state"] == "running", what="a to start")
     cp = cluster.cli("pause", run_id, "--url", cluster.url)
