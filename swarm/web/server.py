@@ -202,7 +202,9 @@ class Dashboard:
                 found = None
             if found is None:
                 return _json(404, {"error": f"no such run or symbol: {'/'.join(parts[1:])}"})
-            return _json(200, found)
+            # A run of 100,000 symbols is megabytes of JSON: encoded on a thread, so that
+            # dispatch goes on meanwhile.
+            return await asyncio.to_thread(_json, 200, found)
         return _json(404, {"error": "not found"})
 
     def _live_runs(self) -> dict[str, str]:
