@@ -64,13 +64,12 @@ class Operations:
             if doc is None:
                 return self._refuse(peer, req, "deploy needs a workflow or a run to resume")
             wf = workflow_from_dict(doc, source="<deployed manifest>")
+            too_big = oversized(wf, self.d.config.dispatcher.max_frame_size)
+            if too_big:  # it would never reach a worker: say so before anything runs
+                raise ManifestError(too_big)
         except ManifestError as e:  # the problems go back whole: the client raises them
             return self._refuse(peer, req, str(e), data={
                 "problems": [dataclasses.asdict(pr) for pr in e.problems]})
-        too_big = oversized(wf, self.d.config.dispatcher.max_frame_size)
-        if too_big:  # it would never reach a worker: say so before anything runs
-            return self._refuse(peer, req, str(ManifestError(too_big)), data={
-                "problems": [dataclasses.asdict(pr) for pr in too_big]})
         if resumed_from is not None:
             names = {s.name for s in wf.symbols}
             reuse = {k: v for k, v in old["outputs"].items() if k in names}
