@@ -37,60 +37,56 @@ heartbeat_timeout = 3000
 """
 
 
-def _one_second_cluster(root: Path) -> Cluster:
-    cl = Cluster(root)
+@pytest.fixture
+def busy(tmp_path: Path) -> Iterator[Cluster]:
+    """A dispatcher and two workers of 4 slots, heartbeating every second (3 s timeout)."""
+    cl = Cluster(tmp_path)
     cl.edit_config("heartbeat_interval = 200\nheartbeat_timeout = 3000",
                    "heartbeat_interval = 1000\nheartbeat_timeout = 3000")
     cl.edit_config("[worker]\nheartbeat_interval = 200", "[worker]\nheartbeat_interval = 1000")
-    return cl
+    try:
+        cl.start_dispatcher()
+        cl.start_worker("w1", slots=4)
+        cl.start_worker("w2", slots=4)
+        yield cl
+    finally:
+        cl.close()
 
 
 def test_fifty_concurrent_deploys_with_one_second_heartbeats_lose_nothing(
-        tmp_path: Path) -> None:
-    cluster = _one_second_cluster(tmp_path)
-    try:
-        cluster.start_dispatcher()
-        cluster.start_worker("w1", slots=4)
-        cluster.start_worker("w2", slots=4)
-        manifests = [delays_manifest(tmp_path, f"load-{i}", 12, 30) for i in range(50)]
+        busy: Cluster, tmp_path: Path) -> None:
+    cluster = busy
+    manifests = [delays_manifest(tmp_path, f"load-{i}", 12, 30) for i in range(50)]
 
-        async def deploy_all() -> list[str]:
-            async with Client(cluster.url) as client:
-                runs = await asyncio.gather(*(client.deploy(m) for m in manifests))
-                results = await asyncio.gather(*(r.wait() for r in runs))
-            return [r.status for r in results]
+    async def deploy_all() -> list[str]:
+        async with Client(cluster.url) as client:
+            runs = await asyncio.gather(*(client.deploy(m) for m in manifests))
+            results = await asyncio.gather(*(r.wait() for r in runs))
+        return [r.status for r in results]
 
-        statuses = asyncio.run(asyncio.wait_for(deploy_all(), 150))
-        assert statuses == ["completed"] * 50
-        assert_no_losses(cluster)
-        assert len(cluster.query("SELECT 1 FROM attempts WHERE outcome = 'ok'")) == 600
-    finally:
-        cluster.close()
+    statuses = asyncio.run(asyncio.wait_for(deploy_all(), 150))
+    assert statuses == ["completed"] * 50
+    assert_no_losses(cluster)
+    assert len(cluster.query("SELECT 1 FROM attempts WHERE outcome = 'ok'")) == 600
 
 
 def test_a_dispatcher_stopped_for_three_heartbeat_intervals_loses_nothing(
-        tmp_path: Path) -> None:
-    cluster = _one_second_cluster(tmp_path)
+        busy: Cluster, tmp_path: Path) -> None:
+    cluster = busy
+    run_id = cluster.detach(delays_manifest(tmp_path, "stopped", 16, 1500))
+    wait_for(lambda: len(cluster.query("SELECT 1 FROM tasks WHERE state = 'running'"))
+             >= 8, what="symbols to run")
+    disp = cluster.procs["dispatcher"]
+    os.kill(disp.pid, signal.SIGSTOP)
     try:
-        cluster.start_dispatcher()
-        cluster.start_worker("w1", slots=4)
-        cluster.start_worker("w2", slots=4)
-        run_id = cluster.detach(delays_manifest(tmp_path, "stopped", 16, 1500))
-        wait_for(lambda: len(cluster.query("SELECT 1 FROM tasks WHERE state = 'running'"))
-                 >= 8, what="symbols to run")
-        disp = cluster.procs["dispatcher"]
-        os.kill(disp.pid, signal.SIGSTOP)
-        try:
-            time.sleep(3.5)  # the stall under test: > 3 heartbeat intervals, > the timeout
-        finally:
-            os.kill(disp.pid, signal.SIGCONT)
-        wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=60,
-                 what="the run to complete")
-        assert_no_losses(cluster)
-        assert cluster.query("SELECT 1 FROM events WHERE kind = 'dispatcher.stalled'")
-        assert "stalled for" in cluster.log("dispatcher")
+        time.sleep(3.5)  # the stall under test: > 3 heartbeat intervals, > the timeout
     finally:
-        cluster.close()
+        os.kill(disp.pid, signal.SIGCONT)
+    wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=60,
+             what="the run to complete")
+    assert_no_losses(cluster)
+    assert cluster.query("SELECT 1 FROM events WHERE kind = 'dispatcher.stalled'")
+    assert "stalled for" in cluster.log("dispatcher")
 
 
 HOLD = """
@@ -263,26 +259,20 @@ def test_a_worker_with_an_invalid_name_is_refused(cluster: Cluster) -> None:
     assert cp.returncode == 2 and "invalid node name" in cp.stderr
 
 
-def test_an_outside_write_lock_of_three_seconds_loses_nothing(tmp_path: Path) -> None:
+def test_an_outside_write_lock_of_three_seconds_loses_nothing(busy: Cluster,
+                                                               tmp_path: Path) -> None:
     import sqlite3
 
-    cluster = _one_second_cluster(tmp_path)
+    run_id = busy.detach(delays_manifest(tmp_path, "locked", 40, 300))
+    wait_for(lambda: busy.query("SELECT 1 FROM tasks WHERE state = 'completed'"),
+             what="the run to be under way")
+    con = sqlite3.connect(busy.db, timeout=10, isolation_level=None)
     try:
-        cluster.start_dispatcher()
-        cluster.start_worker("w1", slots=4)
-        cluster.start_worker("w2", slots=4)
-        run_id = cluster.detach(delays_manifest(tmp_path, "locked", 40, 300))
-        wait_for(lambda: cluster.query("SELECT 1 FROM tasks WHERE state = 'completed'"),
-                 what="the run to be under way")
-        con = sqlite3.connect(cluster.db, timeout=10, isolation_level=None)
-        try:
-            con.execute("BEGIN EXCLUSIVE")  # another program holds the DB
-            time.sleep(3.0)  # the stall under test
-            con.execute("COMMIT")
-        finally:
-            con.close()
-        wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=60,
-                 what="the run to complete")
-        assert_no_losses(cluster)
+        con.execute("BEGIN EXCLUSIVE")  # another program holds the DB
+        time.sleep(3.0)  # the stall under test
+        con.execute("COMMIT")
     finally:
-        cluster.close()
+        con.close()
+    wait_for(lambda: busy.run_status(run_id) == "completed", timeout=60,
+             what="the run to complete")
+    assert_no_losses(busy)
