@@ -7,20 +7,22 @@ Rules of this module:
 - Every state change is announced as a `Journal` command, in order. The shell commits
   journal entries before it carries out any `Send` that follows them, which is what
   makes "a completion is committed before its dependents are released" true.
-- Task and run states move only along `TASK_TRANSITIONS`; anything else is our bug and
-  raises `IllegalTransition` before touching state.
+- Task states move only along `TASK_TRANSITIONS`, runs only along `RUN_TRANSITIONS`;
+  anything else is our bug and raises `IllegalTransition`.
+- `handle` is all or nothing: an event that raises (an illegal move, a refused request,
+  a bug) leaves the core exactly as it was, undone through `swarm.undo`'s log.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import plan as planning
+from . import undo
 from .events import (  # the core's vocabulary, re-exported
     Abandon,
     Ack,
@@ -48,15 +50,19 @@ from .placement import Placement
 from .protocol import TaskAssignment, TaskResult
 from .tasks import (
     RUN_FINAL,
+    RUN_TRANSITIONS,
     TASK_TRANSITIONS,
     TERMINAL,
     IllegalTransition,
     Node,
     Refused,
     Run,
+    RunPhase,
     RunState,
+    RunStep,
     Task,
     TaskState,
+    touch,
 )
 
 
@@ -84,6 +90,11 @@ class SchedulerConfig:
 Need = str | tuple[str, tuple[tuple[str, str], ...]]
 
 
+# Writes of state that other state determines (a run's count of unfinished tasks): not
+# logged on the hot path, recomputed by `_rebuild_derived` after a rollback.
+_unlogged = object.__setattr__
+
+
 def _need(task: Task) -> Need:
     return task.dispatch if not task.requires else (
         task.dispatch, tuple(sorted(task.requires.items())))
@@ -105,16 +116,23 @@ def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
     return max(0.0, delay) / 1000.0
 
 
+# The phase of a finished run whose rollback was requested, by the outcome it ended with.
+_UNDOABLE = {RunState.COMPLETED: RunPhase.UNDOING_COMPLETED,
+             RunState.FAILED: RunPhase.UNDOING_FAILED}
+
+
 class Scheduler:
     """Runs, tasks and nodes, and the rules that move them. See the module docstring."""
 
+    __setattr__ = undo.tracked_setattr  # inside `handle`, every write can be undone
+
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         self.config = config or SchedulerConfig()
-        self._runs: dict[str, Run] = {}
-        self._nodes: dict[str, Node] = {}
+        self._runs: dict[str, Run] = undo.TDict()
+        self._nodes: dict[str, Node] = undo.TDict()
         self._place = Placement(load_balancing=self.config.load_balancing,
                                 priority_queue=self.config.priority_queue)
-        self._by_token: dict[int, Task] = {}
+        self._by_token: dict[int, Task] = undo.TDict()
         self._timers: list[tuple[float, int, Task]] = []
         self._seq = itertools.count()
         self._run_seq = itertools.count()
@@ -130,7 +148,7 @@ class Scheduler:
         # Can some connected worker run a (backend, labels) need? "" if so, else the reason.
         # Asked once per need, not per symbol: 100,000 ready symbols share a few needs.
         # Cleared as nodes join, leave or drain.
-        self._can: dict[Need, str] = {}
+        self._can: dict[Need, str] = undo.TDict()
         self._waiting: dict[Need, dict[str, Task]] = {}  # need -> its tasks waiting now
         self._wait_timers: list[tuple[float, int, Task]] = []  # wait_for_worker expiries
         self._joins = 0  # nodes that ever connected
@@ -141,9 +159,34 @@ class Scheduler:
     # --- public -----------------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Command]:
-        """Apply one event; return what the shell must persist and send, in order."""
+        """Apply one event; return what the shell must persist and send, in order.
+
+        All or nothing: if applying the event raises, every change it made is undone
+        (see `swarm.undo`) and the exception propagates with the core as it was."""
         self._out = []
         self._assign = {}
+        undo.begin()
+        try:
+            self._apply(event)
+            if type(event) is NodeHeartbeat and not self._out:
+                undo.commit()
+                return []  # the common case, a thousand times a second with many workers
+            self._dispatch(getattr(event, "now", 0.0))
+        except BaseException:
+            undo.rollback()
+            self._rebuild_derived()
+            self._out = []
+            self._assign = {}
+            raise
+        undo.commit()
+        out = self._out
+        for nid, tasks in self._assign.items():
+            out.append(Assign(nid, tuple(tasks)))
+        self._out = []
+        self._assign = {}
+        return out
+
+    def _apply(self, event: Event) -> None:
         match event:
             case Tick(now=now, stalled=stalled):
                 self._on_tick(now, stalled)
@@ -175,28 +218,41 @@ class Scheduler:
                 self._on_cancel(event)
             case _:
                 raise IllegalTransition(f"unknown event {event!r}")
-        if type(event) is NodeHeartbeat and not self._out:
-            return []  # the common case, a thousand times a second with many workers
-        self._dispatch(getattr(event, "now", 0.0))
-        out = self._out
-        for nid, tasks in self._assign.items():
-            out.append(Assign(nid, tuple(tasks)))
-        self._out = []
-        self._assign = {}
-        return out
+
+    def _rebuild_derived(self) -> None:
+        """After a rollback: recompute what other state determines and the undo log
+        leaves out (it would cost on every change): counts, who runs what, locks, indexes."""
+        tasks = [t for run in self._runs.values()
+                 for t in itertools.chain(run.tasks.values(), run.rollbacks)]
+        for run in self._runs.values():
+            counts = dict.fromkeys(TaskState, 0)
+            for t in itertools.chain(run.tasks.values(), run.rollbacks):
+                counts[t.state] += 1
+            run.counts = counts
+            run.unfinished = sum(n for s, n in counts.items() if s not in TERMINAL)
+        for node in self._nodes.values():
+            order = node.order
+            running = sorted(((t.token, t) for t in tasks if t.state is TaskState.RUNNING
+                              and t.node is node), key=lambda e: (order.get(e[0], 0), e[0]))
+            node.running = dict(running)  # in the order they were assigned, as before
+        self._place.rebuild(self._nodes.values(), tasks)
+        self._waiting = {}
+        for t in tasks:
+            if t.state is TaskState.READY and t.blocked:
+                self._waiting.setdefault(_need(t), {})[t.id] = t
 
     def next_deadline(self) -> float | None:
         """The earliest time at which a `Tick` would change something."""
         times = []
         while self._timers and self._timers[0][2].state is not TaskState.RETRYING:
-            heapq.heappop(self._timers)
+            undo.heappop(self._timers)
         if self._timers:
             times.append(self._timers[0][0])
         if self._nodes and self._liveness_at is not None:
             times.append(self._liveness_at)
         waits = self._wait_timers
         while waits and not _still_waiting(*waits[0]):
-            heapq.heappop(waits)
+            undo.heappop(waits)
         if waits:
             times.append(waits[0][0])
         if self._settle_at is not None:
@@ -398,8 +454,6 @@ class Scheduler:
         if not self._joins and self._settle_at is None:  # a restart: workers come back
             self._settle_at = ev.now + self.config.orphan_grace
         run = self._build_run(ev.run_id, ev.workflow, ev.started)
-        run.paused = ev.status == "paused"
-        run.state = RunState.RUNNING if run.paused else RunState(ev.status)
         records = {(r.kind, r.parent if r.kind == "rollback" else r.name): r for r in ev.tasks}
         for task in run.tasks.values():
             rec = records.get(("main", task.name))
@@ -422,19 +476,9 @@ class Scheduler:
                 if name in by_parent:
                     rb.deps.append(by_parent[name])
                     by_parent[name].dependents.append(rb)
-        run.failed = any(t.state is TaskState.FAILED for t in run.tasks.values())
-        run.halted = run.failed and run.workflow.on_failure != "continue"
-        run.rollback_failed = any(t.state is TaskState.FAILED for t in run.rollbacks)
-        # A finished run stays finished: its rollbacks ran in a phase that ended.
-        run.rollback_phase = run.state is RunState.ROLLING_BACK or (
-            run.state not in RUN_FINAL and any(
-                rb.parent is not None and rb.parent.state is not TaskState.FAILED
-                for rb in run.rollbacks))
-        if ev.rollback == "rolling_back" and run.state in (RunState.COMPLETED, RunState.FAILED):
-            run.undo, run.undo_started = run.state, ev.rollback_started
-            run.rollback_phase = run.halted = True
-        if run.rollback_phase:
-            run.state = RunState.ROLLING_BACK
+        run.phase = self._restored_phase(run, ev)
+        if run.undo is not None:
+            run.undo_started = ev.rollback_started
         run.wave = min((t.level for t in run.tasks.values() if t.state not in TERMINAL),
                        default=len(run.by_level))
         for task in itertools.chain(run.tasks.values(), run.rollbacks):
@@ -447,6 +491,24 @@ class Scheduler:
         self._journal("run.restored", ev.now, run, data={"status": run.state.value})
         self._check_run(run, ev.now)
 
+    @staticmethod
+    def _restored_phase(run: Run, ev: RunRestored) -> RunPhase:
+        """The phase a run was in, from its status and its tasks' records."""
+        if ev.status in RUN_FINAL:  # a finished run stays finished, unless being undone
+            if ev.rollback == RunState.ROLLING_BACK and ev.status in _UNDOABLE:
+                return _UNDOABLE[RunState(ev.status)]
+            return RunPhase(ev.status)
+        if ev.status == RunState.ROLLING_BACK or any(
+                rb.parent is not None and rb.parent.state is not TaskState.FAILED
+                for rb in run.rollbacks):
+            return RunPhase.ROLLING_BACK
+        paused = ev.status == RunPhase.PAUSED
+        if any(t.state is TaskState.FAILED for t in run.tasks.values()):
+            if run.workflow.on_failure != "continue":
+                return RunPhase.HALTING
+            return RunPhase.FAILING_PAUSED if paused else RunPhase.FAILING
+        return RunPhase.PAUSED if paused else RunPhase.RUNNING
+
     def _restore_task(self, task: Task, rec: TaskRecord, now: float) -> None:
         state = TaskState(rec.state)
         task.attempts, task.losses, task.token = rec.attempts, rec.losses, rec.token
@@ -458,13 +520,13 @@ class Scheduler:
             task.orphan = task.token
             self._by_token[task.token] = task
             task.due = now + self.config.orphan_grace
-            heapq.heappush(self._timers, (task.due, next(self._seq), task))
+            undo.heappush(self._timers, (task.due, next(self._seq), task))
             self._journal("symbol.orphaned", now, task.run, task, attempt=task.attempts,
                           data={"token": task.token, "due": task.due})
         elif state is TaskState.RETRYING:
             self._force(task, state)
             task.due = rec.due if rec.due is not None else now
-            heapq.heappush(self._timers, (task.due, next(self._seq), task))
+            undo.heappush(self._timers, (task.due, next(self._seq), task))
         elif state is TaskState.READY:
             self._force(task, state)
             self._place.push(task)
@@ -478,10 +540,11 @@ class Scheduler:
     def _on_pause(self, ev: RunPaused | RunResumed) -> None:
         run = self._runs.get(ev.run_id)
         pause = isinstance(ev, RunPaused)
-        if run is None or run.state in RUN_FINAL or run.paused == pause or run.undo:
-            raise Refused(f"run {ev.run_id} cannot be "
-                          f"{'paused' if pause else 'resumed'} now")
-        run.paused = pause
+        step = RunStep.PAUSE if pause else RunStep.RESUME
+        if run is None or not run.can(step):
+            raise Refused(f"run {ev.run_id} cannot be {'paused' if pause else 'resumed'} "
+                          f"now{f' (it is {run.phase.value})' if run else ''}")
+        run.move(step)
         if pause:
             self._journal("run.paused", ev.now, run)
             return
@@ -492,10 +555,10 @@ class Scheduler:
         """Stop a run: running attempts are abandoned (their backends terminated), nothing
         else starts; with `rollback`, completed symbols are then rolled back."""
         run = self._runs.get(ev.run_id)
-        if run is None or run.state in RUN_FINAL or run.cancelled or run.undo:
-            raise Refused(f"run {ev.run_id} cannot be cancelled now")
-        run.cancelled = run.halted = True
-        run.paused = False
+        if run is None or not run.can(RunStep.CANCEL):
+            raise Refused(f"run {ev.run_id} cannot be cancelled now"
+                          f"{f' (it is {run.phase.value})' if run else ''}")
+        run.move(RunStep.CANCEL)
         run.parked.clear()
         self._journal("run.cancelling", ev.now, run, data={"rollback": ev.rollback})
         abandon: dict[str, list[int]] = {}
@@ -505,6 +568,7 @@ class Scheduler:
             if task.state is TaskState.RUNNING and task.node is not None:
                 self._place.vacate(task.node, task.token, task.node.id in self._nodes)
                 abandon.setdefault(task.node.id, []).append(task.token)
+                touch(task)
                 task.node = None
             self._set(task, TaskState.CANCELLED)
             self._journal("symbol.cancelled", ev.now, run, task, attempt=task.attempts)
@@ -518,16 +582,15 @@ class Scheduler:
         """Undo a finished run's completed symbols, as a phase of its own: the run's
         status and end stay what they were; the phase ends with `rollback.completed`."""
         run = self._runs.get(ev.run_id)
-        if run is None or run.state not in (RunState.COMPLETED, RunState.FAILED):
+        if run is None or not run.can(RunStep.UNDO):
             raise Refused(f"run {ev.run_id} cannot be rolled back now")
         targets = self.undoable(run.id)
-        if not targets:  # refused before anything is journaled: nothing changes
+        if not targets:
             raise Refused(f"run {ev.run_id} has nothing to undo")
-        run.undo, run.undo_started = run.state, ev.now
-        run.halted = True
-        run.rollback_failed = False
+        run.undo_started, run.undo_from = ev.now, len(run.rollbacks)
+        run.move(RunStep.UNDO)
         self._journal("run.rollback_requested", ev.now, run, data={
-            "status": run.state.value, "rollbacks": len(targets)})
+            "status": run.undo.value if run.undo else "", "rollbacks": len(targets)})
         self._start_rollback_phase(run, ev.now)
         self._check_run(run, ev.now)
 
@@ -601,6 +664,7 @@ class Scheduler:
 
     def _lose(self, task: Task, node: Node, now: float, reason: str, graceful: bool) -> None:
         """An attempt whose worker is gone (or forgot it): requeue it, or fail it for good."""
+        touch(task)
         self._place.vacate(node, task.token, node.id in self._nodes)
         task.node = None
         run = task.run
@@ -656,7 +720,7 @@ class Scheduler:
                 "seconds": round(stalled or now - (last or now), 3),
                 "nodes": len(self._nodes)})
         while self._timers and self._timers[0][0] <= now:
-            _, _, task = heapq.heappop(self._timers)
+            _, _, task = undo.heappop(self._timers)
             if task.state is TaskState.RETRYING:
                 self._set(task, TaskState.READY)
                 self._push_ready(task, now, reason="retry")
@@ -665,7 +729,7 @@ class Scheduler:
             self._recheck(now, None)
         waits = self._wait_timers
         while waits and waits[0][0] <= now:
-            entry = heapq.heappop(waits)
+            entry = undo.heappop(waits)
             if _still_waiting(*entry):
                 self._give_up_waiting(entry[2], now)
         if self._liveness_at is None or now < self._liveness_at:
@@ -699,6 +763,7 @@ class Scheduler:
                               node=node.name if node else None,
                               data={"token": r.token, "reason": "stale or unknown attempt"})
                 continue
+            touch(task)
             task.node = None
             self._finish_attempt(task, r, node.name, ev.now)  # type: ignore[union-attr]
         self._out.append(Ack(ev.node_id, tuple(acks)))
@@ -747,7 +812,7 @@ class Scheduler:
         if self._may_retry(task, r, now + delay):
             self._set(task, TaskState.RETRYING)
             task.due = now + delay
-            heapq.heappush(self._timers, (task.due, next(self._seq), task))
+            undo.heappush(self._timers, (task.due, next(self._seq), task))
             self._journal("symbol.retrying", now, run, task, node=node, attempt=task.attempts,
                           data={"error": error, "due": task.due, "delay": delay})
             return
@@ -774,20 +839,19 @@ class Scheduler:
 
     def _failed_for_good(self, task: Task, now: float, ran: bool = True) -> None:
         run = task.run
-        if task.kind == "rollback":
-            run.rollback_failed = True
+        if task.kind == "rollback":  # counted by `run.rollback_failed`
             self._release_dependents(task, now)  # later rollbacks still run: best effort
             return
-        run.failed = True
         sym = task.spec
         assert isinstance(sym, Symbol)
         if sym.rollback is not None and ran:  # nothing to undo of what never ran
             self._add_rollback(task, [], now)
         policy = run.workflow.on_failure
         if policy == "continue":
+            run.move(RunStep.FAIL)
             self._skip(self._descendants(task), now, f"dependency '{task.name}' failed")
         elif not run.halted:
-            run.halted = True
+            run.move(RunStep.HALT)
             self._journal("run.halting", now, run, data={"cause": task.name, "policy": policy})
             self._skip([t for t in run.tasks.values()
                         if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING)],
@@ -812,6 +876,7 @@ class Scheduler:
 
     def _release_dependents(self, task: Task, now: float) -> None:
         for d in task.dependents:
+            touch(d)
             d.waiting -= 1
             if d.waiting == 0 and d.state is TaskState.PENDING:
                 self._make_ready(d, now)
@@ -866,7 +931,7 @@ class Scheduler:
         rb.key = (float("-inf"), run.seq, len(run.rollbacks))
         rb.deps = deps
         for d in deps:
-            d.dependents.append(rb)
+            undo.append(d.dependents, rb)
         rb.waiting = len(deps)
         run.rollbacks.append(rb)
         run.unfinished += 1
@@ -880,9 +945,8 @@ class Scheduler:
     def _start_rollback_phase(self, run: Run, now: float) -> None:
         """Undo completed symbols in reverse dependency order: the rollback of X waits for
         the rollbacks of the nearest completed descendants of X that have one."""
-        run.rollback_phase = True
-        run.state = RunState.ROLLING_BACK
         if run.undo is None:  # a requested rollback leaves the run's status alone
+            run.move(RunStep.ROLL_BACK)
             self._journal("run.rolling_back", now, run)
         done = [t for t in run.tasks.values() if t.state is TaskState.COMPLETED]
         has_rb = {id(t) for t in done if isinstance(t.spec, Symbol) and t.spec.rollback}
@@ -915,17 +979,13 @@ class Scheduler:
         if run.undo is not None:
             self._end_undo(run, now)
             return
-        if run.failed and run.workflow.on_failure == "rollback" and not run.rollback_phase:
+        if run.phase is RunPhase.HALTING and run.workflow.on_failure == "rollback":
             self._start_rollback_phase(run, now)
             if run.unfinished:
                 return
-        if run.cancelled:
-            final = RunState.CANCELLED
-        elif run.rollback_phase:
-            final = RunState.FAILED if run.rollback_failed else RunState.ROLLED_BACK
-        else:
-            final = RunState.FAILED if run.failed else RunState.COMPLETED
-        run.state = final
+        run.move(RunStep.FINISH_FAILED if run.rollback_phase and run.rollback_failed
+                 else RunStep.FINISH)
+        final = run.state
         counts: dict[str, int] = {}
         for t in run.tasks.values():
             counts[t.state.value] = counts.get(t.state.value, 0) + 1
@@ -939,8 +999,9 @@ class Scheduler:
         counts: dict[str, int] = {}
         for t in run.rollbacks:
             counts[t.state.value] = counts.get(t.state.value, 0) + 1
-        status = RunState.FAILED if run.rollback_failed else RunState.ROLLED_BACK
-        run.state, run.undo, run.rollback_phase = run.undo, None, False
+        failed = run.rollback_failed
+        status = RunState.FAILED if failed else RunState.ROLLED_BACK
+        run.move(RunStep.FINISH_FAILED if failed else RunStep.FINISH)
         self._journal("rollback.completed", now, run, data={
             "status": status.value, "run_status": run.state.value, "counts": counts,
             "duration": now - run.undo_started})
@@ -957,7 +1018,8 @@ class Scheduler:
         task.attempts += 1
         if task.first_start is None:
             task.first_start = now
-        self._by_token.pop(task.token, None)  # an earlier attempt's token is fenced off now
+        if task.token:  # an earlier attempt's token is fenced off now
+            self._by_token.pop(task.token, None)
         task.token = self._new_token()
         task.node = node
         task.owner = node.id
@@ -1007,6 +1069,7 @@ class Scheduler:
 
     def _begin_wait(self, task: Task, need: Need, reason: str, now: float) -> None:
         """A waiting episode begins: journaled once, with its reason and due time."""
+        touch(task)
         task.blocked = reason
         self._waiting.setdefault(need, {})[task.id] = task
         data: dict[str, Any] = {"reason": reason}
@@ -1014,7 +1077,7 @@ class Scheduler:
         if wait is not None:
             if task.wait_due is None:  # else restored: the stored due time holds
                 task.wait_due = now + wait / 1000
-            heapq.heappush(self._wait_timers, (task.wait_due, next(self._seq), task))
+            undo.heappush(self._wait_timers, (task.wait_due, next(self._seq), task))
             data["wait_for_worker"] = wait
             data["due"] = task.wait_due
         self._journal("symbol.waiting", now, task.run, task, data=data)
@@ -1035,6 +1098,7 @@ class Scheduler:
         if why:
             self._begin_wait(task, need, why, now)
         elif task.wait_due is not None:  # restored as waiting; a worker can run it now
+            touch(task)
             task.wait_due = None
             self._journal("symbol.unblocked", now, task.run, task)
 
@@ -1049,6 +1113,7 @@ class Scheduler:
             if why:
                 continue
             for t in self._waiting.pop(need, {}).values():
+                touch(t)
                 t.blocked = ""
                 t.wait_due = None
                 self._journal("symbol.unblocked", now, t.run, t, node=node.name)
@@ -1095,8 +1160,9 @@ class Scheduler:
 
     def _force(self, task: Task, state: TaskState) -> None:
         """Put a task in a state without a transition: only for rebuilding from records."""
+        touch(task)
         if state in TERMINAL and task.state not in TERMINAL:
-            task.run.unfinished -= 1
+            _unlogged(task.run, "unfinished", task.run.unfinished - 1)
         counts = task.run.counts
         counts[task.state] -= 1
         counts[state] += 1
@@ -1105,13 +1171,15 @@ class Scheduler:
     def _set(self, task: Task, state: TaskState) -> None:
         if state not in TASK_TRANSITIONS[task.state]:
             raise IllegalTransition(f"{task.id}: {task.state.value} -> {state.value}")
+        touch(task)  # and so every change that follows it in this event is undoable
         if task.holding and state is not TaskState.RUNNING:
             self._place.release(task)  # success, failure, timeout, loss or cancel: let go
         if task.blocked and state is not TaskState.READY:
             self._stop_waiting(task)
         if state in TERMINAL and task.state not in TERMINAL:
-            task.run.unfinished -= 1
-            self._by_token.pop(task.token, None)
+            _unlogged(task.run, "unfinished", task.run.unfinished - 1)
+            if task.token in self._by_token:  # (a finished attempt's is gone already)
+                self._by_token.pop(task.token)
         counts = task.run.counts
         counts[task.state] -= 1
         counts[state] += 1
@@ -1141,13 +1209,16 @@ __all__ = [
     "NodeDraining",
     "NodeHeartbeat",
     "RUN_FINAL",
+    "RUN_TRANSITIONS",
     "ResultsReceived",
     "RollbackRequested",
     "RunCancelled",
     "RunPaused",
     "RunRestored",
     "RunResumed",
+    "RunPhase",
     "RunState",
+    "RunStep",
     "RunSubmitted",
     "Scheduler",
     "SchedulerConfig",

@@ -380,9 +380,9 @@ class Dispatcher:
         except c.Refused:
             raise  # a request its run does not allow now: nothing changed; the caller says so
         except Exception as e:
-            # A bug of ours. The event's changes may be half made: nothing of them is
-            # stored or sent, the entries before it are committed, and a restart rebuilds
-            # the scheduler from the journal.
+            # A bug of ours. `handle` undid the event's changes, but a scheduler that
+            # raised is not trusted to go on: the entries before it are committed, and a
+            # restart rebuilds the scheduler from the journal.
             self._broken = True
             log.critical("the scheduler could not apply %s; stopping (a restart resumes "
                          "every run from the state DB)", type(event).__name__, exc_info=True)

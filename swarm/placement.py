@@ -5,15 +5,19 @@ workers with a free slot per backend, and the resources (locks, semaphores) task
 The scheduler tells it what became ready, which slots filled or freed and which task
 claims or releases its resources; `placements()` answers with the next task to start
 and the worker to start it on.
+
+Inside `Scheduler.handle` its changes go to the undo log (`swarm.undo`): the heaps and
+lists through the log's functions; the locks held and the open-worker index, which
+the tasks and nodes determine, are recomputed by `rebuild` after a rollback.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from . import undo
 from .tasks import Node, Task, TaskState
 
 _Entry = tuple[tuple[Any, ...], int, Task]
@@ -23,13 +27,13 @@ class Placement:
     def __init__(self, *, load_balancing: bool = True, priority_queue: bool = True) -> None:
         self.load_balancing = load_balancing
         self.priority_queue = priority_queue
-        self._ready: dict[str, list[_Entry]] = {}
+        self._ready: dict[str, list[_Entry]] = undo.TDict()
         # backend -> the nodes that run it and have a free slot: placement looks at these
         # only, not at every worker (1,000 connected ones with other backends cost nothing).
         self._open: dict[str, dict[str, Node]] = {}
         self.held: dict[str, int] = {}  # resource key -> units held, across all runs
-        self._blocked: list[Task] = []  # ready, but a resource is held
-        self._unplaced: list[Task] = []  # ready, but no free worker has its labels
+        self._blocked: list[Task] = undo.TList()  # ready, but a resource is held
+        self._unplaced: list[Task] = undo.TList()  # ready, but no free worker has its labels
         self._seq = itertools.count()
 
     # --- ready tasks --------------------------------------------------------------------
@@ -37,8 +41,10 @@ class Placement:
     def push(self, task: Task) -> None:
         """A task is ready: in line by its key (priority, then rank), else first come."""
         key = task.key if self.priority_queue and task.key else (next(self._seq),)
-        heapq.heappush(self._ready.setdefault(task.dispatch, []),
-                       (key, next(self._seq), task))
+        heap = self._ready.get(task.dispatch)
+        if heap is None:
+            heap = self._ready[task.dispatch] = []
+        undo.heappush(heap, (key, next(self._seq), task))
 
     def push_all(self, tasks: list[Task]) -> None:
         """Tasks set aside (a lock, a matching worker, a paused run) go back in line."""
@@ -64,23 +70,23 @@ class Placement:
                 while heap:
                     t = heap[0][2]
                     if t.state is not TaskState.READY:
-                        heapq.heappop(heap)
+                        undo.heappop(heap)
                     elif t.run.paused:  # set aside until its run resumes
-                        t.run.parked.append(heapq.heappop(heap)[2])
+                        t.run.parked.append(undo.heappop(heap)[2])
                     elif t.resources and not self.resources_free(t):
                         # Waiting for a lock never holds back the symbols behind it.
-                        self._blocked.append(heapq.heappop(heap)[2])
+                        self._blocked.append(undo.heappop(heap)[2])
                     elif best is not None and heap[0][:2] >= best:
                         break
                     elif (node := self._pick_node(t)) is None and t.requires:
-                        self._unplaced.append(heapq.heappop(heap)[2])  # no match free now
+                        self._unplaced.append(undo.heappop(heap)[2])  # no match free now
                     else:
                         break
                 if node is not None and heap and (best is None or heap[0][:2] < best):
                     best, best_node, best_heap = heap[0][:2], node, heap
             if best_node is None or best_heap is None:
                 return
-            _, _, task = heapq.heappop(best_heap)
+            _, _, task = undo.heappop(best_heap)
             yield task, best_node
 
     def _pick_node(self, task: Task) -> Node | None:
@@ -146,6 +152,18 @@ class Placement:
             if not self.held[k]:
                 del self.held[k]
         self.push_all(self._blocked)
+
+    def rebuild(self, nodes: Iterable[Node], tasks: Iterable[Task]) -> None:
+        """Recompute the locks held and the open-worker index from the tasks and nodes
+        (after the scheduler undid an event: these are not in the undo log)."""
+        self.held = {}
+        for t in tasks:
+            if t.holding:
+                for k in t.resources:
+                    self.held[k] = self.held.get(k, 0) + 1
+        self._open = {}
+        for n in nodes:
+            self.reindex(n)
 
     # --- invariants -----------------------------------------------------------------------
 

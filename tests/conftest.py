@@ -20,3 +20,22 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield cl
     finally:
         cl.close()
+
+
+@pytest.fixture
+def strict_touch() -> Iterator[None]:
+    """Inside `Scheduler.handle`, a task written before the core `touch`ed it would escape
+    the undo log: with this fixture such a write raises at once, wherever it is."""
+    from swarm import undo
+    from swarm.tasks import Task
+
+    def checked(self: Task, name: str, value: object) -> None:
+        if undo.entries is not None and name != "tx":
+            assert self.tx == undo.serial, f"{self.id}.{name} written before touch(task)"
+        object.__setattr__(self, name, value)
+
+    Task.__setattr__ = checked  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        del Task.__setattr__

@@ -11,6 +11,9 @@ from swarm import core as c
 from swarm.model import RetryPolicy, RollbackSpec, Symbol, Workflow
 from swarm.protocol import TaskAssignment, TaskResult
 
+# Every write to a task inside the core must follow a touch (see swarm.undo).
+pytestmark = pytest.mark.usefixtures("strict_touch")
+
 NO_JITTER = RetryPolicy(initial_delay=100, max_delay=1000, backoff_factor=2.0, jitter=0.0)
 
 
