@@ -83,6 +83,7 @@ class Record:
     events table and fields of a wire event; the subclass's own fields are its data."""
 
     KIND: ClassVar[Kind]
+    kind: ClassVar[str]  # KIND as a plain str (what rows and wire events carry)
     _DATA: ClassVar[tuple[str, ...]] = ()  # data field names, in order
     _OMITS: ClassVar[tuple[tuple[str, Any], ...]] = ()  # (name, default) left out at default
     _BULKY: ClassVar[frozenset[str]] = frozenset()
@@ -93,10 +94,6 @@ class Record:
     symbol: str | None = None
     node: str | None = None
     attempt: int | None = None
-
-    @property
-    def kind(self) -> str:
-        return self.KIND
 
     @property
     def data(self) -> dict[str, Any]:
@@ -142,6 +139,7 @@ def _record(cls: R) -> R:
     cls._DATA = tuple(f.name for f in own)
     cls._OMITS = tuple((f.name, f.default) for f in own if f.metadata.get("omit"))
     cls._BULKY = BULKY.intersection(cls._DATA)
+    cls.kind = cls.KIND.value
     assert cls.KIND not in KINDS, cls.KIND
     KINDS[cls.KIND] = cls
     return cls
@@ -519,7 +517,7 @@ class Unknown(Record):
     values: dict[str, Any]
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> str:  # type: ignore[override]
         return self.name
 
     @property
