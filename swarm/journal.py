@@ -11,13 +11,14 @@ Rules of this module:
 - A record's data fields are its JSON keys, in the order they are written; a field made
   with `omitted()` is left out of the data while it holds its default (as it always was).
 - A kind, once journaled, keeps its meaning: DBs written by earlier versions are read by
-  later ones. A kind this version does not know decodes as `Unknown`, unchanged.
+  later ones. A kind this version does not know decodes as `Unknown`, unchanged; a field
+  an event lacks decodes as None (so decoded records are typed as made, not as checked).
 - Nothing here reads or writes anything: encoding is a dict, decoding a constructor call.
 """
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass, field, fields
+from dataclasses import KW_ONLY, MISSING, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
@@ -87,6 +88,7 @@ class Record:
     _DATA: ClassVar[tuple[str, ...]] = ()  # data field names, in order
     _OMITS: ClassVar[tuple[tuple[str, Any], ...]] = ()  # (name, default) left out at default
     _BULKY: ClassVar[frozenset[str]] = frozenset()
+    _REQUIRED: ClassVar[tuple[str, ...]] = ()  # data fields without a default
 
     ts: float
     run_id: str | None = None
@@ -139,6 +141,8 @@ def _record(cls: R) -> R:
     cls._DATA = tuple(f.name for f in own)
     cls._OMITS = tuple((f.name, f.default) for f in own if f.metadata.get("omit"))
     cls._BULKY = BULKY.intersection(cls._DATA)
+    cls._REQUIRED = tuple(f.name for f in own if f.default is MISSING
+                          and f.default_factory is MISSING)
     cls.kind = cls.KIND.value
     assert cls.KIND not in KINDS, cls.KIND
     KINDS[cls.KIND] = cls
@@ -531,20 +535,20 @@ class Unknown(Record):
 def decode(kind: str, ts: float, run_id: str | None = None, task_id: str | None = None,
            symbol: str | None = None, node: str | None = None, attempt: int | None = None,
            data: dict[str, Any] | None = None) -> Record:
-    """The record a row or a wire event encodes. Keys a record does not have are
-    dropped; a known kind without all its fields, or an unknown kind, is `Unknown`."""
+    """The record a row or a wire event encodes; an unknown kind is `Unknown`. Liberal in
+    what it takes, as followers always were: keys the record does not have are dropped,
+    and a data field the writer left out (an older version, a hand-made event, the wire's
+    lean data) is None."""
     cls = KINDS.get(kind)
     data = data or {}
-    if cls is not None:
-        try:
-            return cls(ts, run_id, task_id, symbol, node, attempt, **data)
-        except TypeError:  # an older or newer writer's keys: keep the ones known here
-            known = {k: v for k, v in data.items() if k in cls._DATA}
-            try:
-                return cls(ts, run_id, task_id, symbol, node, attempt, **known)
-            except TypeError:
-                pass
-    return Unknown(ts, run_id, task_id, symbol, node, attempt, name=kind, values=data)
+    if cls is None:
+        return Unknown(ts, run_id, task_id, symbol, node, attempt, name=kind, values=data)
+    try:
+        return cls(ts, run_id, task_id, symbol, node, attempt, **data)
+    except TypeError:  # another writer's keys: those known here, None for those missing
+        known = dict.fromkeys(cls._REQUIRED)
+        known.update((k, v) for k, v in data.items() if k in cls._DATA)
+        return cls(ts, run_id, task_id, symbol, node, attempt, **known)
 
 
 def from_event(ev: Any) -> Record:

@@ -697,7 +697,8 @@ class Store:
             after=tuple(json.loads(t["deps"])) if t["deps"] else (),
             node_id=t["node_id"] or "") for t in tasks]
         run["outputs"] = {t["symbol"]: json.loads(t["result"]) if t["result"] else None
-                          for t in tasks if t["kind"] == "main" and t["state"] == "completed"}
+                          for t in tasks
+                          if t["kind"] == "main" and t["state"] == TaskState.COMPLETED}
         return run, records
 
     async def active_run_by_hash(self, manifest_hash: str) -> str | None:

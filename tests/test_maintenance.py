@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from swarm import maintenance, report
 from swarm import journal as jn
+from swarm import maintenance, report
 from swarm.errors import InputError, StateError
 from swarm.state import SCHEMA_VERSION, Store
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from swarm.errors import StateBusy, StateError, StateLocked
 from swarm import journal as jn
+from swarm.errors import StateBusy, StateError, StateLocked
 from swarm.state import Store
 
 pytestmark = [pytest.mark.timeout(60)]
