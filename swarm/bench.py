@@ -34,9 +34,9 @@ from .client import Client
 from .config import load_config
 from .dispatcher import tune_gc
 from .errors import SwarmError
+from .journal import FINAL_RUN_EVENTS, Kind
 from .local import LocalSwarm
 from .model import Symbol, Workflow
-from .results import FINAL_RUN_EVENTS
 
 # Slots per worker: W1 measured 2,230 tasks/s with 16, 3,220 with 64, 3,500 with 256 and
 # no better beyond (bigger batches per frame and per commit); W2 and W3 do not suffer.
@@ -159,7 +159,7 @@ async def timed_run(client: Client, wf: Workflow) -> float:
                     final = ev.kind
                     break
         elapsed = time.perf_counter() - t0
-    if final != "run.completed":
+    if final != Kind.RUN_COMPLETED:
         raise BenchError(f"{wf.name}: run {run.run_id} ended {final or 'without an end'}")
     return elapsed
 

@@ -22,9 +22,10 @@ from . import __version__, commands
 from .config import DEFAULT_CONFIG_NAME, Config, default_config_text, load_config
 from .errors import ConfigError, SwarmError
 from .model import Workflow
+from .tasks import RunState
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
-RUN_EXIT = {"completed": EXIT_OK}
+RUN_EXIT = {RunState.COMPLETED.value: EXIT_OK}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from .errors import ConfigError, ConnectionFailed, InputError
 from .model import Workflow
 from .protocol import Event, to_dict
 from .results import ended_tasks
+from .tasks import RunState
 from .tls import client_context
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -34,7 +35,7 @@ def _client(args: argparse.Namespace, cfg: Config, name: str) -> Client:
 
 
 def exit_code(run: dict[str, Any]) -> int:
-    return EXIT_OK if run["status"] == "completed" else EXIT_FAILED
+    return EXIT_OK if run["status"] == RunState.COMPLETED else EXIT_FAILED
 
 
 def event_json(ev: Event) -> dict[str, Any]:
@@ -117,7 +118,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
                 return EXIT_OK
             run = await follow(c, args.run_id, args.json)
             # The run keeps its own status; the rollback's outcome is its own.
-            return EXIT_OK if run.get("rollback_status") == "rolled_back" else EXIT_FAILED
+            return EXIT_OK if run.get("rollback_status") == RunState.ROLLED_BACK else EXIT_FAILED
 
     return _run(go())
 

@@ -25,14 +25,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from . import journal as jn
 from .plan import Plan
 from .protocol import Event
 from .results import ProgressTracker
+from .tasks import RunState, TaskState
 
-STATE_STYLE = {
-    "completed": "green", "running": "cyan", "ready": "blue", "pending": "dim",
-    "retrying": "yellow", "failed": "bold red", "skipped": "dim", "rolled_back": "magenta",
-    "rolling_back": "magenta",
+STATE_STYLE: dict[str, str] = {
+    TaskState.COMPLETED: "green", TaskState.RUNNING: "cyan", TaskState.READY: "blue",
+    TaskState.PENDING: "dim", TaskState.RETRYING: "yellow", TaskState.FAILED: "bold red",
+    TaskState.SKIPPED: "dim", TaskState.ROLLED_BACK: "magenta",
+    RunState.ROLLING_BACK: "magenta",
 }
 MAX_ROWS = 200
 
@@ -102,7 +105,7 @@ def print_run(out: Console, run: dict[str, Any]) -> None:
         t.add_column(col, justify="right" if col in ("attempts", "duration") else "left")
     shown = 0
     for task in tasks:
-        interesting = task["state"] != "completed" or task["kind"] != "main"
+        interesting = task["state"] != TaskState.COMPLETED or task["kind"] != "main"
         if shown >= MAX_ROWS and not interesting:
             continue
         shown += 1
@@ -153,15 +156,16 @@ def print_status(out: Console, s: dict[str, Any]) -> None:
     out.print(nodes if s["nodes"] else "no nodes connected")
     tc = s["tasks"]
     out.print("tasks of active runs: " + ", ".join(f"{k} {tc.get(k, 0)}" for k in (
-        "pending", "ready", "running", "retrying", "completed", "failed", "skipped")))
+        TaskState.PENDING, TaskState.READY, TaskState.RUNNING, TaskState.RETRYING,
+        TaskState.COMPLETED, TaskState.FAILED, TaskState.SKIPPED)))
     if s["runs"]:
         runs = Table(box=_box(out), title="active runs")
         for col in ("run", "workflow", "state", "done/total", "running"):
             runs.add_column(col)
         for r in s["runs"]:
-            done = r["tasks"].get("completed", 0)
+            done = r["tasks"].get(TaskState.COMPLETED, 0)
             runs.add_row(r["run_id"], r["workflow"], r["state"], f"{done}/{r['total']}",
-                         str(r["tasks"].get("running", 0)))
+                         str(r["tasks"].get(TaskState.RUNNING, 0)))
         out.print(runs)
     else:
         out.print("no active runs")
@@ -258,7 +262,7 @@ def print_not_completed(out: Console, symbols: list[dict[str, Any]], tail_lines:
     """Each symbol that did not complete: why (error, exit code or signal), the end of its
     stderr and its output, from its last attempt."""
     for s in symbols:
-        if s["state"] in ("completed", "rolled_back"):
+        if s["state"] in (TaskState.COMPLETED, TaskState.ROLLED_BACK):
             continue
         last = s["attempts"][-1] if s["attempts"] else None
         head = f"[bold]{escape(s['name'])}[/]" + (" (rollback)" if s["kind"] == "rollback"
@@ -281,24 +285,26 @@ def print_not_completed(out: Console, symbols: list[dict[str, Any]], tail_lines:
             out.print("  output: " + escape(text[:500]), highlight=False)
 
 
-# Events worth a line while following a run; the rest show in the final table.
-_LINE_EVENTS = {"symbol.failed", "symbol.retrying", "symbol.skipped", "symbol.rolled_back",
-                "rollback.created", "run.halting", "run.rolling_back", "node.lost",
-                "symbol.waiting", "run.rollback_requested", "rollback.completed"}
+# Records worth a line while following a run; the rest show in the final table.
+_LINE_EVENTS = (jn.SymbolFailed, jn.SymbolRetrying, jn.SymbolSkipped, jn.SymbolRolledBack,
+                jn.RollbackCreated, jn.RunHalting, jn.RunRollingBack, jn.NodeLost,
+                jn.SymbolWaiting, jn.RunRollbackRequested, jn.RollbackCompleted)
 
 
 def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | None:
-    if not every and ev.kind not in _LINE_EVENTS:
+    rec = jn.from_event(ev)
+    if not every and not isinstance(rec, _LINE_EVENTS):
         return None
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.ts))
     who = ev.symbol or ev.node or ""
     detail = ev.data.get("error") or ev.data.get("reason") or ev.data.get("cause") or ""
-    if ev.kind == "symbol.retrying":
-        detail = f"{detail}; retry in {ev.data.get('delay', 0):.2f} s"
-    elif ev.kind == "symbol.waiting" and ev.data.get("wait_for_worker") is not None:
-        detail = f"{detail}; fails in {ev.data['wait_for_worker'] / 1000:.2f} s (wait_for_worker)"
-    elif ev.kind == "rollback.completed":
-        detail = f"rollback {ev.data.get('status')}; the run stays {ev.data.get('run_status')}"
+    match rec:
+        case jn.SymbolRetrying(delay=delay):
+            detail = f"{detail}; retry in {delay or 0:.2f} s"
+        case jn.SymbolWaiting(wait_for_worker=int(wait)):
+            detail = f"{detail}; fails in {wait / 1000:.2f} s (wait_for_worker)"
+        case jn.RollbackCompleted(status=status, run_status=run_status):
+            detail = f"rollback {status}; the run stays {run_status}"
     if every and ev.node and ev.symbol:
         who = f"{ev.symbol} on {ev.node}"
     run = f"{ev.run_id} " if with_run and ev.run_id else ""
@@ -307,8 +313,9 @@ def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | 
 
 # --- following a run live ---------------------------------------------------------------
 
-_ALERTS = {"symbol.failed", "symbol.retrying", "node.lost", "run.halting", "run.paused",
-           "run.resumed", "run.cancelling", "symbol.waiting"}
+_ALERTS = frozenset({jn.Kind.SYMBOL_FAILED, jn.Kind.SYMBOL_RETRYING, jn.Kind.NODE_LOST,
+                     jn.Kind.RUN_HALTING, jn.Kind.RUN_PAUSED, jn.Kind.RUN_RESUMED,
+                     jn.Kind.RUN_CANCELLING, jn.Kind.SYMBOL_WAITING})
 
 
 class Follower:
@@ -376,5 +383,5 @@ class Follower:
         elif ev.kind in _ALERTS:
             line = event_line(ev, every=True)
             if line:
-                self.out.print(f"[red]{line}[/]" if ev.kind == "symbol.failed" else line,
+                self.out.print(f"[red]{line}[/]" if ev.kind == jn.Kind.SYMBOL_FAILED else line,
                                markup=True, highlight=False)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import journal as jn
 from . import plan as planning
 from . import undo
 from .events import (  # the core's vocabulary, re-exported
@@ -204,7 +205,7 @@ class Scheduler:
                     node.draining = True
                     node.last_seen = now
                     self._place.reindex(node)
-                    self._journal("node.draining", now, node=node.name)
+                    self._journal(jn.NodeDraining(now, node=node.name))
                     self._lost(node, now)
             case RunSubmitted():
                 self._on_submit(event)
@@ -313,7 +314,8 @@ class Scheduler:
                 counts[state] += n
             if run.state not in RUN_FINAL:
                 runs.append({"run_id": run.id, "workflow": run.workflow.name,
-                             "state": "paused" if run.paused else run.state.value, "tasks": per,
+                             "state": (RunState.PAUSED if run.paused else run.state).value,
+                             "tasks": per,
                              "total": len(run.tasks), "started": run.started})
         nodes = [{
             "node_id": n.id, "name": n.name, "capabilities": sorted(n.caps), "slots": n.slots,
@@ -401,19 +403,17 @@ class Scheduler:
     def _on_submit(self, ev: RunSubmitted) -> None:
         wf = ev.workflow
         run = self._build_run(ev.run_id, wf, ev.now, ev.durations)
-        self._journal("run.started", ev.now, run, data={
-            "workflow": wf.name, "version": wf.version, "hash": run.hash,
-            "symbols": len(wf.symbols), "on_failure": wf.on_failure, "mode": wf.mode,
-            "manifest": wf.to_dict(), **({"resumed_from": ev.resumed_from}
-                                         if ev.resumed_from else {}),
-        })
+        self._journal(jn.RunStarted(
+            ev.now, run.id, workflow=wf.name, version=wf.version, hash=run.hash,
+            symbols=len(wf.symbols), on_failure=wf.on_failure, mode=wf.mode,
+            manifest=wf.to_dict(), resumed_from=ev.resumed_from or None))
         for name, output in ev.reuse.items():
             task = run.tasks[name]
             self._force(task, TaskState.COMPLETED)
-            done: dict[str, Any] = {"output": output, "reused_from": ev.resumed_from}
-            if isinstance(task.spec, Symbol) and task.spec.rollback is not None:
-                done["rollback"] = task.spec.rollback.to_dict()
-            self._journal("symbol.completed", ev.now, run, task, data=done)
+            self._journal(jn.SymbolCompleted(
+                ev.now, run.id, task.id, task.name, output=output, reused_from=ev.resumed_from,
+                rollback=task.spec.rollback.to_dict() if isinstance(task.spec, Symbol)
+                and task.spec.rollback is not None else None))
         for task in run.tasks.values():
             task.waiting = sum(1 for d in task.deps if d.state is not TaskState.COMPLETED)
             if task.waiting == 0 and task.state is TaskState.PENDING:
@@ -488,7 +488,7 @@ class Scheduler:
             if task.state is TaskState.PENDING and task.waiting == 0 and (
                     task.kind == "rollback" or not run.halted):
                 self._make_ready(task, ev.now)
-        self._journal("run.restored", ev.now, run, data={"status": run.state.value})
+        self._journal(jn.RunRestored(ev.now, run.id, status=run.state.value))
         self._check_run(run, ev.now)
 
     @staticmethod
@@ -502,7 +502,7 @@ class Scheduler:
                 rb.parent is not None and rb.parent.state is not TaskState.FAILED
                 for rb in run.rollbacks):
             return RunPhase.ROLLING_BACK
-        paused = ev.status == RunPhase.PAUSED
+        paused = ev.status == RunState.PAUSED
         if any(t.state is TaskState.FAILED for t in run.tasks.values()):
             if run.workflow.on_failure != "continue":
                 return RunPhase.HALTING
@@ -521,8 +521,9 @@ class Scheduler:
             self._by_token[task.token] = task
             task.due = now + self.config.orphan_grace
             undo.heappush(self._timers, (task.due, next(self._seq), task))
-            self._journal("symbol.orphaned", now, task.run, task, attempt=task.attempts,
-                          data={"token": task.token, "due": task.due})
+            self._journal(jn.SymbolOrphaned(now, task.run.id, task.id, task.name,
+                                            attempt=task.attempts, token=task.token,
+                                            due=task.due))
         elif state is TaskState.RETRYING:
             self._force(task, state)
             task.due = rec.due if rec.due is not None else now
@@ -546,10 +547,10 @@ class Scheduler:
                           f"now{f' (it is {run.phase.value})' if run else ''}")
         run.move(step)
         if pause:
-            self._journal("run.paused", ev.now, run)
+            self._journal(jn.RunPaused(ev.now, run.id))
             return
         self._place.push_all(run.parked)
-        self._journal("run.resumed", ev.now, run, data={"status": run.state.value})
+        self._journal(jn.RunResumed(ev.now, run.id, status=run.state.value))
 
     def _on_cancel(self, ev: RunCancelled) -> None:
         """Stop a run: running attempts are abandoned (their backends terminated), nothing
@@ -560,7 +561,7 @@ class Scheduler:
                           f"{f' (it is {run.phase.value})' if run else ''}")
         run.move(RunStep.CANCEL)
         run.parked.clear()
-        self._journal("run.cancelling", ev.now, run, data={"rollback": ev.rollback})
+        self._journal(jn.RunCancelling(ev.now, run.id, rollback=ev.rollback))
         abandon: dict[str, list[int]] = {}
         for task in itertools.chain(run.tasks.values(), run.rollbacks):
             if task.state in TERMINAL:
@@ -571,7 +572,8 @@ class Scheduler:
                 touch(task)
                 task.node = None
             self._set(task, TaskState.CANCELLED)
-            self._journal("symbol.cancelled", ev.now, run, task, attempt=task.attempts)
+            self._journal(jn.SymbolCancelled(ev.now, run.id, task.id, task.name,
+                                              attempt=task.attempts))
         for nid, tokens in abandon.items():
             self._out.append(Abandon(nid, tuple(tokens)))
         if ev.rollback:
@@ -589,8 +591,9 @@ class Scheduler:
             raise Refused(f"run {ev.run_id} has nothing to undo")
         run.undo_started, run.undo_from = ev.now, len(run.rollbacks)
         run.move(RunStep.UNDO)
-        self._journal("run.rollback_requested", ev.now, run, data={
-            "status": run.undo.value if run.undo else "", "rollbacks": len(targets)})
+        assert run.undo is not None
+        self._journal(jn.RunRollbackRequested(ev.now, run.id, status=run.undo.value,
+                                              rollbacks=len(targets)))
         self._start_rollback_phase(run, ev.now)
         self._check_run(run, ev.now)
 
@@ -615,9 +618,9 @@ class Scheduler:
         self._gained(node, ev.now)
         if self._liveness_at is None:
             self._liveness_at = ev.now + self._liveness_every
-        self._journal("node.joined", ev.now, node=node.name, data={
-            "node_id": node.id, "capabilities": sorted(node.caps), "slots": node.slots,
-            "labels": node.labels})
+        self._journal(jn.NodeJoined(ev.now, node=node.name, node_id=node.id,
+                                    capabilities=sorted(node.caps), slots=node.slots,
+                                    labels=node.labels))
         abandon = []
         for token in ev.running:
             task = self._by_token.get(token)
@@ -634,8 +637,9 @@ class Scheduler:
                 task.orphan = 0
                 self._place.occupy(node, token, task)
                 node.order[token] = 0  # it named the attempt itself: no assignment to await
-                self._journal("symbol.adopted", ev.now, task.run, task, node=node.name,
-                              attempt=task.attempts, data={"node_id": node.id, "token": token})
+                self._journal(jn.SymbolAdopted(ev.now, task.run.id, task.id, task.name,
+                                               node.name, task.attempts, node_id=node.id,
+                                               token=token))
             else:
                 abandon.append(token)
         if abandon:
@@ -645,8 +649,9 @@ class Scheduler:
         """A node claimed an attempt it was never given: dropped, journaled, counted; the
         attempt stays with its owner."""
         self.refused += 1
-        self._journal("claim.refused", now, task.run, task, node=node.name, data={
-            "token": token, "claim": what, "node_id": node.id, "owner": task.owner})
+        self._journal(jn.ClaimRefused(now, task.run.id, task.id, task.name, node.name,
+                                      token=token, claim=what, node_id=node.id,
+                                      owner=task.owner))
 
     def _on_node_gone(self, node_id: str, now: float, reason: str, graceful: bool,
                       recheck: bool = True) -> None:
@@ -654,9 +659,8 @@ class Scheduler:
         if node is None:
             return
         self._place.remove(node)
-        self._journal("node.lost" if not graceful else "node.left", now, node=node.name,
-                      data={"node_id": node.id, "reason": reason,
-                            "running": len(node.running)})
+        self._journal((jn.NodeLeft if graceful else jn.NodeLost)(
+            now, node=node.name, node_id=node.id, reason=reason, running=len(node.running)))
         if recheck:  # before its attempts are requeued: those are checked as they queue
             self._lost(node, now)
         for task in list(node.running.values()):
@@ -670,17 +674,20 @@ class Scheduler:
         run = task.run
         if not graceful:
             task.losses += 1
-        self._journal("attempt.lost", now, run, task, node=node.name, attempt=task.attempts,
-                      data={"reason": reason, "losses": task.losses, "token": task.token})
+        self._journal(jn.AttemptLost(now, run.id, task.id, task.name, node.name,
+                                     task.attempts, reason=reason, losses=task.losses,
+                                     token=task.token))
         if task.losses >= self.config.max_worker_losses:
             self._set(task, TaskState.FAILED)
-            self._journal("symbol.failed", now, run, task, attempt=task.attempts,
-                          data={"error": f"worker lost {task.losses} times"})
+            self._journal(jn.SymbolFailed(now, run.id, task.id, task.name,
+                                          attempt=task.attempts,
+                                          error=f"worker lost {task.losses} times"))
             self._failed_for_good(task, now)
         elif run.halted and task.kind == "main":
             self._set(task, TaskState.FAILED)
-            self._journal("symbol.failed", now, run, task, attempt=task.attempts,
-                          data={"error": "worker lost while the run was halting"})
+            self._journal(jn.SymbolFailed(now, run.id, task.id, task.name,
+                                          attempt=task.attempts,
+                                          error="worker lost while the run was halting"))
             self._failed_for_good(task, now)
         else:
             self._set(task, TaskState.READY)
@@ -716,9 +723,8 @@ class Scheduler:
             self.stalls += 1
             for node in self._nodes.values():
                 node.last_seen = max(node.last_seen, now)
-            self._journal("dispatcher.stalled", now, data={
-                "seconds": round(stalled or now - (last or now), 3),
-                "nodes": len(self._nodes)})
+            self._journal(jn.DispatcherStalled(
+                now, seconds=round(stalled or now - (last or now), 3), nodes=len(self._nodes)))
         while self._timers and self._timers[0][0] <= now:
             _, _, task = undo.heappop(self._timers)
             if task.state is TaskState.RETRYING:
@@ -759,9 +765,10 @@ class Scheduler:
             if task is None:
                 # Stale (fenced off), duplicate, or not this node's: acknowledged, dropped.
                 known = self._by_token.get(r.token)
-                self._journal("result.dropped", ev.now, known.run if known else None, known,
-                              node=node.name if node else None,
-                              data={"token": r.token, "reason": "stale or unknown attempt"})
+                self._journal(jn.ResultDropped(
+                    ev.now, known.run.id if known else None, known.id if known else None,
+                    known.name if known else None, node.name if node else None,
+                    token=r.token, reason="stale or unknown attempt"))
                 continue
             touch(task)
             task.node = None
@@ -785,23 +792,23 @@ class Scheduler:
     def _finish_attempt(self, task: Task, r: TaskResult, node: str, now: float) -> None:
         run = task.run
         self._by_token.pop(r.token, None)  # a duplicate of this result is dropped
-        self._journal("attempt.finished", now, run, task, node=node, attempt=task.attempts, data={
-            "token": r.token, "ok": r.ok, "output": r.output, "error": r.error,
-            "exit_code": r.exit_code, "timed_out": r.timed_out, "duration_ms": r.duration_ms,
-            "stderr": r.stderr, "stdout_truncated": r.stdout_truncated,
-            "stderr_truncated": r.stderr_truncated})
+        self._journal(jn.AttemptFinished(
+            now, run.id, task.id, task.name, node, task.attempts, token=r.token, ok=r.ok,
+            output=r.output, error=r.error, exit_code=r.exit_code, timed_out=r.timed_out,
+            duration_ms=r.duration_ms, stderr=r.stderr, stdout_truncated=r.stdout_truncated,
+            stderr_truncated=r.stderr_truncated))
         if r.ok:
             self._set(task, TaskState.COMPLETED)
-            done: dict[str, Any] = {"output": r.output, "duration_ms": r.duration_ms}
-            if isinstance(task.spec, Symbol) and task.spec.rollback is not None:
-                done["rollback"] = task.spec.rollback.to_dict()
-            self._journal("symbol.completed", now, run, task, node=node, attempt=task.attempts,
-                          data=done)
+            self._journal(jn.SymbolCompleted(
+                now, run.id, task.id, task.name, node, task.attempts, output=r.output,
+                duration_ms=r.duration_ms,
+                rollback=task.spec.rollback.to_dict() if isinstance(task.spec, Symbol)
+                and task.spec.rollback is not None else None))
             if task.kind == "rollback":
                 if task.parent is not None and task.parent.state is TaskState.COMPLETED:
                     self._set(task.parent, TaskState.ROLLED_BACK)
-                    self._journal("symbol.rolled_back", now, run, task.parent,
-                                  data={"rollback": task.name})
+                    self._journal(jn.SymbolRolledBack(now, run.id, task.parent.id,
+                                                      task.parent.name, rollback=task.name))
                 self._release_dependents(task, now)
             elif not run.halted:
                 self._release_dependents(task, now)
@@ -813,12 +820,13 @@ class Scheduler:
             self._set(task, TaskState.RETRYING)
             task.due = now + delay
             undo.heappush(self._timers, (task.due, next(self._seq), task))
-            self._journal("symbol.retrying", now, run, task, node=node, attempt=task.attempts,
-                          data={"error": error, "due": task.due, "delay": delay})
+            self._journal(jn.SymbolRetrying(now, run.id, task.id, task.name, node,
+                                            task.attempts, error=error, due=task.due,
+                                            delay=delay))
             return
         self._set(task, TaskState.FAILED)
-        self._journal("symbol.failed", now, run, task, node=node, attempt=task.attempts,
-                      data={"error": error, "retryable": r.retryable})
+        self._journal(jn.SymbolFailed(now, run.id, task.id, task.name, node, task.attempts,
+                                      error=error, retryable=r.retryable))
         self._failed_for_good(task, now)
         self._check_run(run, now)
 
@@ -852,7 +860,7 @@ class Scheduler:
             self._skip(self._descendants(task), now, f"dependency '{task.name}' failed")
         elif not run.halted:
             run.move(RunStep.HALT)
-            self._journal("run.halting", now, run, data={"cause": task.name, "policy": policy})
+            self._journal(jn.RunHalting(now, run.id, cause=task.name, policy=policy))
             self._skip([t for t in run.tasks.values()
                         if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING)],
                        now, f"run halted after '{task.name}' failed")
@@ -861,7 +869,7 @@ class Scheduler:
         for t in tasks:
             if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING):
                 self._set(t, TaskState.SKIPPED)
-                self._journal("symbol.skipped", now, t.run, t, data={"reason": reason})
+                self._journal(jn.SymbolSkipped(now, t.run.id, t.id, t.name, reason=reason))
 
     @staticmethod
     def _descendants(task: Task) -> list[Task]:
@@ -896,8 +904,8 @@ class Scheduler:
             counts: dict[str, int] = {}
             for t in level:
                 counts[t.state.value] = counts.get(t.state.value, 0) + 1
-            self._journal("run.wave_completed", now, run, data={
-                "wave": run.wave, "of": len(run.by_level), "counts": counts})
+            self._journal(jn.RunWaveCompleted(now, run.id, wave=run.wave,
+                                              of=len(run.by_level), counts=counts))
             run.wave += 1
             if run.failed:  # a failing wave stops the run before the next wave starts
                 self._skip([t for t in run.tasks.values() if t.state is TaskState.PENDING],
@@ -912,8 +920,7 @@ class Scheduler:
 
     def _push_ready(self, task: Task, now: float, reason: str = "") -> None:
         self._place.push(task)
-        self._journal("symbol.queued", now, task.run, task,
-                      data={"reason": reason} if reason else {})
+        self._journal(jn.SymbolQueued(now, task.run.id, task.id, task.name, reason=reason))
         if self._settle_at is None:  # inline: this runs for every ready symbol
             need = task.dispatch if not task.requires else _need(task)
             why = self._can.get(need)
@@ -935,9 +942,9 @@ class Scheduler:
         rb.waiting = len(deps)
         run.rollbacks.append(rb)
         run.unfinished += 1
-        self._journal("rollback.created", now, run, rb, data={
-            "parent": parent.name, "spec": sym.rollback.to_dict(),
-            "after": [d.parent.name for d in deps if d.parent is not None]})
+        self._journal(jn.RollbackCreated(
+            now, run.id, rb.id, rb.name, parent=parent.name, spec=sym.rollback.to_dict(),
+            after=[d.parent.name for d in deps if d.parent is not None]))
         if rb.waiting == 0:
             self._make_ready(rb, now)
         return rb
@@ -947,7 +954,7 @@ class Scheduler:
         the rollbacks of the nearest completed descendants of X that have one."""
         if run.undo is None:  # a requested rollback leaves the run's status alone
             run.move(RunStep.ROLL_BACK)
-            self._journal("run.rolling_back", now, run)
+            self._journal(jn.RunRollingBack(now, run.id))
         done = [t for t in run.tasks.values() if t.state is TaskState.COMPLETED]
         has_rb = {id(t) for t in done if isinstance(t.spec, Symbol) and t.spec.rollback}
         created: dict[int, Task] = {}
@@ -989,8 +996,8 @@ class Scheduler:
         counts: dict[str, int] = {}
         for t in run.tasks.values():
             counts[t.state.value] = counts.get(t.state.value, 0) + 1
-        self._journal(f"run.{final.value}", now, run, data={
-            "status": final.value, "counts": counts, "duration": now - run.started})
+        self._journal(jn.RUN_ENDED[final](now, run.id, status=final.value, counts=counts,
+                                          duration=now - run.started))
 
     def _end_undo(self, run: Run, now: float) -> None:
         """A requested rollback phase ended: journaled as its own outcome; the run goes
@@ -1002,9 +1009,9 @@ class Scheduler:
         failed = run.rollback_failed
         status = RunState.FAILED if failed else RunState.ROLLED_BACK
         run.move(RunStep.FINISH_FAILED if failed else RunStep.FINISH)
-        self._journal("rollback.completed", now, run, data={
-            "status": status.value, "run_status": run.state.value, "counts": counts,
-            "duration": now - run.undo_started})
+        self._journal(jn.RollbackCompleted(
+            now, run.id, status=status.value, run_status=run.state.value, counts=counts,
+            duration=now - run.undo_started))
 
     # --- placement --------------------------------------------------------------------
 
@@ -1033,8 +1040,8 @@ class Scheduler:
         deadline = getattr(spec, "deadline", None)
         if deadline is not None:  # no attempt may outlive the symbol's deadline
             timeout = max(1, min(timeout, int(deadline - (now - task.first_start) * 1000)))
-        self._journal("symbol.started", now, task.run, task, node=node.name,
-                      attempt=task.attempts, data={"token": task.token, "node_id": node.id})
+        self._journal(jn.SymbolStarted(now, task.run.id, task.id, task.name, node.name,
+                                       task.attempts, token=task.token, node_id=node.id))
         self._assign.setdefault(node.id, []).append(TaskAssignment(
             task_id=task.id, run_id=task.run.id, symbol=task.name, type=spec.type,
             context=spec.context, dispatch=spec.dispatch, parameters=spec.parameters,
@@ -1072,15 +1079,14 @@ class Scheduler:
         touch(task)
         task.blocked = reason
         self._waiting.setdefault(need, {})[task.id] = task
-        data: dict[str, Any] = {"reason": reason}
         wait = self._wait_for_worker(task)
         if wait is not None:
             if task.wait_due is None:  # else restored: the stored due time holds
                 task.wait_due = now + wait / 1000
             undo.heappush(self._wait_timers, (task.wait_due, next(self._seq), task))
-            data["wait_for_worker"] = wait
-            data["due"] = task.wait_due
-        self._journal("symbol.waiting", now, task.run, task, data=data)
+        self._journal(jn.SymbolWaiting(now, task.run.id, task.id, task.name, reason=reason,
+                                       wait_for_worker=wait,
+                                       due=task.wait_due if wait is not None else None))
 
     def _stop_waiting(self, task: Task) -> None:
         tasks = self._waiting.get(_need(task))
@@ -1100,7 +1106,7 @@ class Scheduler:
         elif task.wait_due is not None:  # restored as waiting; a worker can run it now
             touch(task)
             task.wait_due = None
-            self._journal("symbol.unblocked", now, task.run, task)
+            self._journal(jn.SymbolUnblocked(now, task.run.id, task.id, task.name))
 
     def _gained(self, node: Node, now: float) -> None:
         """A node joined: needs nobody could run may be runnable now. (A runnable need
@@ -1116,7 +1122,7 @@ class Scheduler:
                 touch(t)
                 t.blocked = ""
                 t.wait_due = None
-                self._journal("symbol.unblocked", now, t.run, t, node=node.name)
+                self._journal(jn.SymbolUnblocked(now, t.run.id, t.id, t.name, node.name))
 
     def _lost(self, node: Node, now: float) -> None:
         """A node left or drains: needs only it could run make their ready tasks wait."""
@@ -1150,9 +1156,10 @@ class Scheduler:
         reason = task.blocked
         ran = task.attempts > 0
         self._set(task, TaskState.FAILED)
-        self._journal("symbol.failed", now, task.run, task, attempt=task.attempts, data={
-            "error": f"{reason} (waited {self._wait_for_worker(task)} ms: wait_for_worker)",
-            "reason": reason, "retryable": False})
+        self._journal(jn.SymbolFailed(
+            now, task.run.id, task.id, task.name, attempt=task.attempts,
+            error=f"{reason} (waited {self._wait_for_worker(task)} ms: wait_for_worker)",
+            reason=reason, retryable=False))
         self._failed_for_good(task, now, ran=ran)
         self._check_run(task.run, now)
 
@@ -1185,13 +1192,8 @@ class Scheduler:
         counts[state] += 1
         task.state = state
 
-    def _journal(self, kind: str, now: float, run: Run | None = None, task: Task | None = None,
-                 *, node: str | None = None, attempt: int | None = None,
-                 data: dict[str, Any] | None = None) -> None:
-        self._out.append(Journal(
-            kind=kind, ts=now, run_id=run.id if run else None,
-            task_id=task.id if task else None, symbol=task.name if task else None,
-            node=node, attempt=attempt, data=data or {}))
+    def _journal(self, record: jn.Record) -> None:
+        self._out.append(record)
 
 
 __all__ = [

@@ -29,6 +29,7 @@ from websockets.http11 import Response
 
 from . import __version__
 from . import core as c
+from . import journal as jn
 from . import protocol as p
 from .access import Network, peer_allowed, resolve_allowed
 from .config import Config
@@ -38,7 +39,7 @@ from .manifest import workflow_from_dict
 from .metrics import Histogram, Tally
 from .ops import Operations, _response
 from .plan import gc_paused
-from .results import FINAL_RUN_EVENTS, RunResult
+from .results import RunResult
 from .secrets import redact_output
 from .state import Store
 from .tls import check_listen, client_context, server_context
@@ -153,8 +154,8 @@ class _Peer:
             self.missed += len(events) - len(kept)
             events = kept
         elif self.missed:
-            events = [p.Event(kind="stream.gap", ts=events[0].ts,
-                              data={"missed": self.missed}), *events]
+            gap = jn.StreamGap(events[0].ts, missed=self.missed)
+            events = [p.Event(kind=gap.kind, ts=gap.ts, data=gap.data), *events]
             self.missed = 0
         if events:
             self.events_queued += len(events)
@@ -184,7 +185,7 @@ class Dispatcher:
         self._server: Server | None = None
         self._workers: dict[str, _Peer] = {}
         self._clients: set[_Peer] = set()
-        self._records: list[c.Journal] = []
+        self._records: list[jn.Record] = []
         self._sends: list[tuple[_Peer, p.Message | None]] = []
         self._stored: list[asyncio.Future[None]] = []  # resolved by the next commit
         self.ops = Operations(self)
@@ -390,11 +391,14 @@ class Dispatcher:
             self._dirty.set()
             return
         for cmd in commands:
-            if isinstance(cmd, c.Journal):
+            if isinstance(cmd, jn.Record):
                 self._records.append(cmd)
                 self.tally.journal(cmd, self.core)
-                if cmd.kind in _LOGGED:
-                    _LOGGED[cmd.kind](cmd)
+                match cmd:
+                    case jn.ClaimRefused():
+                        _log_refused(cmd)
+                    case jn.DispatcherStalled():
+                        _log_stall(cmd)
                 continue
             peer = self._workers.get(cmd.node_id)
             if peer is None:
@@ -449,7 +453,7 @@ class Dispatcher:
                     continue
                 peer.send(msg)
             for r in records:
-                if r.kind in FINAL_RUN_EVENTS:
+                if isinstance(r, jn.RunEnded):
                     _log_outcome(r)
             if records:
                 # The frames above go out first (their writers run now): workers wait for
@@ -477,7 +481,7 @@ class Dispatcher:
                 token=t.token, task_id=t.task_id, ok=False, retryable=False, error=error),),
                 self.now()))
 
-    async def _write(self, records: list[c.Journal]) -> range:
+    async def _write(self, records: list[jn.Record]) -> range:
         """Commit, trying again with backoff while the state DB holds it up (another
         process's lock, a full disk). Meanwhile the dispatcher serves on: heartbeats are
         heard, new events queue behind, and nothing behind these entries is sent."""
@@ -568,7 +572,7 @@ class Dispatcher:
             self._feed(c.Tick(self.now(), stalled))
             stalled = 0.0
 
-    def _publish(self, records: list[c.Journal], seqs: range) -> None:
+    def _publish(self, records: list[jn.Record], seqs: range) -> None:
         """The committed entries, as events (with their seq in the journal), to the clients
         watching their runs."""
         if self.web.sockets:
@@ -758,27 +762,24 @@ class Dispatcher:
             await peer.close()
 
 
-def _log_refused(j: c.Journal) -> None:
+# Journal records an operator should also see in the log, as they are made.
+
+
+def _log_refused(j: jn.ClaimRefused) -> None:
     log.warning("node %s (%s) claimed attempt %s of %s (%s) that belongs to %s; dropped",
-                j.node, j.data["node_id"], j.data["token"], j.symbol, j.data["claim"],
-                j.data["owner"] or "nobody")
+                j.node, j.node_id, j.token, j.symbol, j.claim, j.owner or "nobody")
 
 
-def _log_stall(j: c.Journal) -> None:
+def _log_stall(j: jn.DispatcherStalled) -> None:
     log.warning("the dispatcher stalled for %.1f s; %d nodes get a fresh grace period",
-                j.data["seconds"], j.data["nodes"])
+                j.seconds, j.nodes)
 
 
-# Journal entries an operator should also see in the log, as they are made.
-_LOGGED = {"claim.refused": _log_refused, "dispatcher.stalled": _log_stall}
-
-
-def _log_outcome(r: c.Journal) -> None:
+def _log_outcome(r: jn.RunEnded) -> None:
     """Every run's end, at info: status, symbol counts, duration."""
-    counts = r.data.get("counts") or {}
-    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no symbols"
-    log.info("run %s %s: %d symbols (%s) in %.3f s", r.run_id, r.data.get("status", r.kind[4:]),
-             sum(counts.values()), parts, float(r.data.get("duration") or 0.0),
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(r.counts.items())) or "no symbols"
+    log.info("run %s %s: %d symbols (%s) in %.3f s", r.run_id, r.status,
+             sum(r.counts.values()), parts, float(r.duration or 0.0),
              extra={"run_id": r.run_id})
 
 

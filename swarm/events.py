@@ -1,9 +1,9 @@
 """What goes into the scheduler core (events) and what comes out (commands).
 
 Events carry the time they happened (`now`, seconds since the epoch): the core never
-reads a clock. Commands are either `Journal` entries (state changes to persist, then
-publish) or messages for a node, which the shell sends only after the journal entries
-before them are committed.
+reads a clock. Commands are either journal records (`journal.Record`: state changes to
+persist, then publish) or messages for a node, which the shell sends only after the
+journal entries before them are committed.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .journal import Record
 from .model import Workflow
 from .protocol import TaskAssignment, TaskResult
 
@@ -137,29 +138,8 @@ Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSu
 # --- commands (out) -------------------------------------------------------------------
 
 
-BULKY = frozenset({"manifest", "stderr"})
-
-
-@dataclass(frozen=True, slots=True)
-class Journal:
-    """A state change: persisted, then published. `kind` is e.g. `symbol.completed`."""
-
-    kind: str
-    ts: float
-    run_id: str | None = None
-    task_id: str | None = None
-    symbol: str | None = None
-    node: str | None = None
-    attempt: int | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def lean_data(self, *also: str) -> dict[str, Any]:
-        """The data without its bulky fields (the manifest, stderr: other tables hold
-        them, and followers do not need them), nor `also`; the same dict if it has none."""
-        drop = BULKY.union(also) if also else BULKY
-        if drop.isdisjoint(self.data):
-            return self.data
-        return {k: v for k, v in self.data.items() if k not in drop}
+# A state change to persist, then publish: one record class per kind (see journal.py).
+Journal = Record
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError, StateError
+from .tasks import RUN_FINAL, RunState
 
 log = logging.getLogger("swarm.maintenance")
 
-FINAL_RUN_STATES = ("completed", "failed", "rolled_back", "cancelled")
+FINAL_RUN_STATES = tuple(s.value for s in RunState if s in RUN_FINAL)
 # Tables whose rows belong to one run (each has a `run_id` column), deleted with it. A
 # table added for runs (checkpoints) is one more name here.
 RUN_TABLES = ("attempts", "events", "rollbacks", "run_rollbacks", "tasks")

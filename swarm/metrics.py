@@ -7,6 +7,9 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from . import journal as jn
+from .tasks import AttemptOutcome, TaskState
+
 # Seconds: dispatch is sub-millisecond when idle, tens of ms under a group commit.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -67,7 +70,7 @@ def render(snapshot: Mapping[str, Any], runs_by_state: Mapping[str, int],
     lines += gauge("swarm_uptime_seconds", "Seconds since the dispatcher started.", uptime)
     lines += gauge("swarm_symbols", "Symbols of active runs by state.", snapshot["tasks"])
     lines += gauge("swarm_queue_depth", "Symbols ready and waiting for a worker.",
-                   snapshot["tasks"].get("ready", 0))
+                   snapshot["tasks"].get(TaskState.READY, 0))
     lines += gauge("swarm_workers_connected", "Worker nodes connected.", len(nodes))
     lines += gauge("swarm_worker_slots", "Slots of connected workers.",
                    sum(n["slots"] for n in nodes))
@@ -97,11 +100,10 @@ def counter_family(name: str, help: str, labels: Sequence[str],
 
 
 # Journal kinds that end a symbol, the state they end it in.
-_SYMBOL_END = {"symbol.completed": "completed", "symbol.failed": "failed",
-               "symbol.skipped": "skipped", "symbol.cancelled": "cancelled",
-               "symbol.rolled_back": "rolled_back"}
-_RUN_END = {"run.completed": "completed", "run.failed": "failed",
-            "run.rolled_back": "rolled_back", "run.cancelled": "cancelled"}
+_SYMBOL_END: dict[str, str] = {
+    jn.Kind.SYMBOL_COMPLETED: TaskState.COMPLETED, jn.Kind.SYMBOL_FAILED: TaskState.FAILED,
+    jn.Kind.SYMBOL_SKIPPED: TaskState.SKIPPED, jn.Kind.SYMBOL_CANCELLED: TaskState.CANCELLED,
+    jn.Kind.SYMBOL_ROLLED_BACK: TaskState.ROLLED_BACK}
 
 
 class Tally:
@@ -116,25 +118,28 @@ class Tally:
         self.retries = 0
         self.worker_losses = 0
 
-    def journal(self, j: Any, core: Any) -> None:
-        k = j.kind
-        if k in _SYMBOL_END:
-            kind = "rollback" if (j.task_id or "").endswith("/rollback") else "main"
-            key = (_SYMBOL_END[k], kind)
-            self.symbols[key] = self.symbols.get(key, 0) + 1
-        elif k == "attempt.finished" or k == "attempt.lost":
-            d = j.data
-            outcome = ("lost" if k == "attempt.lost" else "ok" if d["ok"]
-                       else "timeout" if d["timed_out"] else "failed")
-            key = (outcome, core.dispatch_of(j.run_id, j.symbol) or "unknown")
-            self.attempts[key] = self.attempts.get(key, 0) + 1
-        elif k == "symbol.retrying":
-            self.retries += 1
-        elif k == "node.lost":
-            self.worker_losses += 1
-        elif k in _RUN_END:
-            status = (_RUN_END[k],)
-            self.runs[status] = self.runs.get(status, 0) + 1
+    def journal(self, j: jn.Record, core: Any) -> None:
+        match j:
+            case jn.SymbolQueued() | jn.SymbolStarted():
+                pass  # the most frequent: nothing to count
+            case jn.AttemptFinished() | jn.AttemptLost():
+                outcome = (AttemptOutcome.LOST if isinstance(j, jn.AttemptLost)
+                           else AttemptOutcome.OK if j.ok
+                           else AttemptOutcome.TIMEOUT if j.timed_out else AttemptOutcome.FAILED)
+                key = (outcome.value, core.dispatch_of(j.run_id, j.symbol) or "unknown")
+                self.attempts[key] = self.attempts.get(key, 0) + 1
+            case (jn.SymbolCompleted() | jn.SymbolFailed() | jn.SymbolSkipped()
+                  | jn.SymbolCancelled() | jn.SymbolRolledBack()):
+                kind = "rollback" if j.task_id.endswith("/rollback") else "main"
+                key = (str(_SYMBOL_END[j.KIND]), kind)
+                self.symbols[key] = self.symbols.get(key, 0) + 1
+            case jn.SymbolRetrying():
+                self.retries += 1
+            case jn.NodeLost():
+                self.worker_losses += 1
+            case jn.RunEnded():
+                status = (j.status,)
+                self.runs[status] = self.runs.get(status, 0) + 1
 
     def render(self) -> list[str]:
         return [

@@ -25,6 +25,7 @@ from .errors import ManifestError, Problem, RequestRefused
 from .manifest import workflow_from_dict
 from .model import Workflow
 from .secrets import redact, redact_output
+from .tasks import RunState, TaskState
 
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher, _Peer
@@ -57,7 +58,8 @@ class Operations:
                 if loaded is None:
                     return self._refuse(peer, req, f"no run {resumed_from!r}")
                 old, _ = loaded
-                if old["status"] not in ("failed", "rolled_back", "cancelled"):
+                if old["status"] not in (RunState.FAILED, RunState.ROLLED_BACK,
+                                         RunState.CANCELLED):
                     return self._refuse(peer, req, f"run {resumed_from} is {old['status']}: "
                                         "only a failed or cancelled run can be resumed")
                 doc = doc or old["manifest"]
@@ -117,7 +119,7 @@ class Operations:
         if loaded is None:
             raise RequestRefused(f"no run {run_id!r}")
         row, records = loaded
-        if row["status"] not in ("completed", "failed"):
+        if row["status"] not in (RunState.COMPLETED, RunState.FAILED):
             raise RequestRefused(f"run {run_id} is {row['status']}: only a completed or "
                                  "failed run can be rolled back")
         targets = _undoable(row["manifest"], records)
@@ -159,8 +161,8 @@ class Operations:
             self.d._feed(event)
         except c.Refused as e:
             raise RequestRefused(str(e)) from None
-        return {"run_id": run_id, "done": {"pause": "paused", "resume": "resumed",
-                                           "cancel": "cancelled"}[op]}
+        return {"run_id": run_id, "done": {"pause": RunState.PAUSED.value, "resume": "resumed",
+                                           "cancel": RunState.CANCELLED.value}[op]}
 
     async def _rollback(self, peer: _Peer, req: p.Request) -> None:
         try:
@@ -266,7 +268,8 @@ class Operations:
             peer.watching.discard(watched)
             return self._refuse(peer, req, f"no run {watched!r}")
         # A rollback requested after the run ended is followed like the run itself.
-        state = "rolling_back" if row["rollback_status"] == "rolling_back" else row["status"]
+        state = (RunState.ROLLING_BACK.value if row["rollback_status"] == RunState.ROLLING_BACK
+                 else row["status"])
         peer.send(p.Reply(id=req.id, ok=True, data={"run_id": watched, "state": state}))
         return None
 
@@ -321,7 +324,7 @@ class Operations:
 def _undoable(manifest: dict[str, Any], records: list[c.TaskRecord]) -> list[str]:
     """What a rollback of a finished run would undo: its completed symbols that have a
     rollback (those rolled back already are `rolled_back`, not `completed`)."""
-    done = {r.name for r in records if r.kind == "main" and r.state == "completed"}
+    done = {r.name for r in records if r.kind == "main" and r.state == TaskState.COMPLETED}
     return [s["name"] for s in manifest["symbols"] if s.get("rollback") and s["name"] in done]
 
 
@@ -334,9 +337,11 @@ def summary(status: dict[str, Any], totals: dict[str, int]) -> dict[str, int]:
     live = status["tasks"]
     return {
         "nodes": len(nodes), "idle": len(nodes) - busy, "busy": busy,
-        "queued": sum(live.get(s, 0) for s in ("pending", "ready", "retrying")),
-        "running": live.get("running", 0),
-        "completed": totals.get("completed", 0), "failed": totals.get("failed", 0),
+        "queued": sum(live.get(s, 0) for s in (TaskState.PENDING, TaskState.READY,
+                                               TaskState.RETRYING)),
+        "running": live.get(TaskState.RUNNING, 0),
+        "completed": totals.get(TaskState.COMPLETED, 0),
+        "failed": totals.get(TaskState.FAILED, 0),
         "active_workflows": len(status["runs"]),
     }
 

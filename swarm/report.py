@@ -18,9 +18,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from .journal import Kind
 from .manifest import workflow_from_dict
 from .plan import analyze
 from .secrets import redact
+from .tasks import AttemptOutcome, RunState, TaskState
 
 
 def _union(intervals: Sequence[tuple[float, float]]) -> float:
@@ -74,19 +76,20 @@ def _usage(metrics: dict[str, float], output: Any) -> None:
 def _run_error(run: dict[str, Any], by_task: dict[str, dict[str, Any]],
                events: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Why a run did not complete: its first symbol that failed for good, with a code."""
-    if run["status"] in ("completed", "running", "paused"):
+    if run["status"] in (RunState.COMPLETED, RunState.RUNNING, RunState.PAUSED):
         return None
     for e in events:
-        if e["kind"] != "symbol.failed":
+        if e["kind"] != Kind.SYMBOL_FAILED:
             continue
         sym = by_task.get(e["task_id"] or "")
         last = sym["attempts"][-1] if sym and sym["attempts"] else {}
-        message = e["data"].get("error") or (last.get("error") if last else None) or "failed"
+        message = (e["data"].get("error") or (last.get("error") if last else None)
+                   or TaskState.FAILED.value)
         if sym is not None and sym["kind"] == "rollback":
             code = "ROLLBACK_FAILED"
-        elif last.get("outcome") == "lost" or message.startswith("worker lost"):
+        elif last.get("outcome") == AttemptOutcome.LOST or message.startswith("worker lost"):
             code = "WORKER_LOST"
-        elif last.get("outcome") == "timeout":
+        elif last.get("outcome") == AttemptOutcome.TIMEOUT:
             code = "SYMBOL_TIMEOUT"
         elif last.get("signal"):
             code = "SYMBOL_KILLED"
@@ -96,8 +99,9 @@ def _run_error(run: dict[str, Any], by_task: dict[str, dict[str, Any]],
                 "timestamp": e["ts"],
                 # A failure the backend did not call final: `deploy --resume` may get past it.
                 "recoverable": bool(e["data"].get("retryable", True))}
-    if run["status"] == "cancelled":
-        ts = next((e["ts"] for e in events if e["kind"] == "run.cancelled"), run["finished_at"])
+    if run["status"] == RunState.CANCELLED:
+        ts = next((e["ts"] for e in events if e["kind"] == Kind.RUN_CANCELLED),
+                  run["finished_at"])
         return {"code": "RUN_CANCELLED", "message": "the run was cancelled", "symbol": None,
                 "timestamp": ts, "recoverable": True}
     return None
@@ -116,7 +120,7 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
         attempts = [a for a in attempts if a["started_at"] < undo_at]
     main = [t for t in tasks if t["kind"] == "main"]
     by_state = Counter(t["state"] for t in main)
-    succeeded = by_state["completed"] + by_state["rolled_back"]
+    succeeded = by_state[TaskState.COMPLETED] + by_state[TaskState.ROLLED_BACK]
     spans = [(a["started_at"], a["finished_at"] or end) for a in attempts]
     busy = sum(b - a for a, b in spans)
     available = sum(n["slots"] * max(0.0, min(n["left_at"] or end, end)
@@ -178,11 +182,11 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
             "total_duration": total,
             "effective_duration": _union(spans),
             "success_rate": succeeded / len(main) if main else 0.0,
-            "error_rate": by_state["failed"] / len(main) if main else 0.0,
+            "error_rate": by_state[TaskState.FAILED] / len(main) if main else 0.0,
             "throughput": succeeded / total,
             "attempts": len(attempts),
-            "retries": sum(1 for e in events if e["kind"] == "symbol.retrying"),
-            "worker_losses": sum(1 for a in attempts if a["outcome"] == "lost"),
+            "retries": sum(1 for e in events if e["kind"] == Kind.SYMBOL_RETRYING),
+            "worker_losses": sum(1 for a in attempts if a["outcome"] == AttemptOutcome.LOST),
             "backends": backends,
             "busy_slot_seconds": busy,
             "available_slot_seconds": available,

@@ -10,15 +10,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, SupportsIndex, overload
 
+from . import journal as jn
+from .journal import FINAL_RUN_EVENTS
 from .protocol import Event
-from .tasks import TERMINAL
+from .tasks import RUN_FINAL, TERMINAL, RunState, TaskState
 
-FINAL_RUN_STATES = frozenset({"completed", "failed", "rolled_back", "cancelled"})
-FINAL_RUN_EVENTS = frozenset(f"run.{s}" for s in FINAL_RUN_STATES)
+FINAL_RUN_STATES = RUN_FINAL
 # What ends following a run: its end, or the end of a rollback requested after it ended.
-END_EVENTS = FINAL_RUN_EVENTS | {"rollback.completed"}
-_DONE = frozenset({"symbol.completed", "symbol.failed", "symbol.skipped", "symbol.cancelled"})
-_UNDONE = frozenset({"symbol.retrying", "attempt.lost"})
+END_EVENTS = FINAL_RUN_EVENTS | {jn.Kind.ROLLBACK_COMPLETED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +87,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "completed"
+        return self.status == RunState.COMPLETED
 
     @property
     def id(self) -> str:
@@ -106,7 +105,8 @@ class RunResult:
 
     @property
     def completed_tasks(self) -> int:
-        return sum(1 for s in self.symbols if s.kind == "main" and s.state == "completed")
+        return sum(1 for s in self.symbols
+                   if s.kind == "main" and s.state == TaskState.COMPLETED)
 
     @property
     def done(self) -> bool:
@@ -167,7 +167,7 @@ class ProgressTracker:
     """Counts a run's progress from its events: what ended, what runs, at what rate."""
 
     def __init__(self, run_id: str, total: int, ended: Iterable[str] = (),
-                 status: str = "running", keep: int = 20) -> None:
+                 status: str = RunState.RUNNING, keep: int = 20) -> None:
         self.run_id = run_id
         self.total = total
         # Task ids that ended: an event the snapshot already counted is not counted again.
@@ -187,34 +187,35 @@ class ProgressTracker:
             return False
         self.recent.append(ev)
         tid = ev.task_id or ""
-        if ev.kind == "symbol.waiting":
-            self.waiting[tid] = (ev.symbol or "", str(ev.data.get("reason", "")))
-            return True
-        if ev.kind == "symbol.unblocked":
-            self.waiting.pop(tid, None)
-            return True
-        if ev.kind in ("symbol.started", "symbol.adopted"):
-            self.waiting.pop(tid, None)
-            self.running[tid] = (ev.symbol or "", ev.node or "-", ev.ts)
-        elif ev.kind in _DONE or ev.kind in _UNDONE:
-            self.waiting.pop(tid, None)
-            self.running.pop(tid, None)
-            if ev.kind in _DONE and not tid.endswith("/rollback") and tid not in self._ended:
-                self._ended.add(tid)
-                self.completed += 1
-                self.failed += ev.kind == "symbol.failed"
-        if ev.kind.startswith("run."):
-            status = ev.data.get("status")
-            if ev.kind in FINAL_RUN_EVENTS:
-                self.status = ev.kind[4:]
-            elif ev.kind == "run.paused":
-                self.status = "paused"
-            elif isinstance(status, str) and ev.kind in ("run.resumed", "run.restored"):
+        match jn.from_event(ev):
+            case jn.SymbolWaiting(reason=reason):
+                self.waiting[tid] = (ev.symbol or "", "" if reason is None else str(reason))
+            case jn.SymbolUnblocked():
+                self.waiting.pop(tid, None)
+            case jn.SymbolStarted() | jn.SymbolAdopted():
+                self.waiting.pop(tid, None)
+                self.running[tid] = (ev.symbol or "", ev.node or "-", ev.ts)
+            case (jn.SymbolCompleted() | jn.SymbolFailed() | jn.SymbolSkipped()
+                  | jn.SymbolCancelled()) as done:
+                self.waiting.pop(tid, None)
+                self.running.pop(tid, None)
+                if not tid.endswith("/rollback") and tid not in self._ended:
+                    self._ended.add(tid)
+                    self.completed += 1
+                    self.failed += isinstance(done, jn.SymbolFailed)
+            case jn.SymbolRetrying() | jn.AttemptLost():
+                self.waiting.pop(tid, None)
+                self.running.pop(tid, None)
+            case jn.RunEnded() as end:
+                self.status = end.kind.removeprefix("run.")
+            case jn.RunPaused():
+                self.status = RunState.PAUSED
+            case jn.RunResumed(status=str(status)) | jn.RunRestored(status=str(status)):
                 self.status = status
-            elif ev.kind in ("run.rolling_back", "run.rollback_requested"):
-                self.status = "rolling_back"
-        elif ev.kind == "rollback.completed":
-            self.status = str(ev.data.get("status", "rolled_back"))
+            case jn.RunRollingBack() | jn.RunRollbackRequested():
+                self.status = RunState.ROLLING_BACK
+            case jn.RollbackCompleted(status=status):
+                self.status = RunState.ROLLED_BACK if status is None else str(status)
         return True
 
     @property

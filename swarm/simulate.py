@@ -32,7 +32,6 @@ from typing import Any
 from .core import (
     Assign,
     Command,
-    Journal,
     NodeConnected,
     ResultsReceived,
     RunSubmitted,
@@ -41,6 +40,7 @@ from .core import (
     Tick,
 )
 from .errors import SwarmError
+from .journal import Kind, RunEnded
 from .model import Symbol, Workflow
 from .plan import analyze
 from .protocol import TaskResult
@@ -68,7 +68,6 @@ TARGET_RATIO = 1.10  # critical-path makespan / lower bound, on average
 TARGET_VS_WAVES = 0.80  # critical-path makespan / waves makespan, on average
 
 _RUN_ID = "sim"
-_FINAL = frozenset({"run.completed", "run.failed", "run.rolled_back", "run.cancelled"})
 
 
 class SimulationStuck(SwarmError):
@@ -172,7 +171,7 @@ def simulate(workflow: Workflow, durations: Mapping[str, float], slots: int, pol
                     ms = cost[a.symbol]
                     heapq.heappush(running, (now + ms, next(seq), cmd.node_id, a.token,
                                              a.task_id, ms))
-            elif isinstance(cmd, Journal) and cmd.kind in _FINAL and cmd.run_id == _RUN_ID:
+            elif isinstance(cmd, RunEnded) and cmd.run_id == _RUN_ID:
                 outcome = cmd.kind
 
     for i in range(nodes):
@@ -199,7 +198,7 @@ def simulate(workflow: Workflow, durations: Mapping[str, float], slots: int, pol
                 TaskResult(token=token, task_id=task_id, ok=True, duration_ms=ms))
         for node_id in sorted(batch):
             apply(sched.handle(ResultsReceived(node_id, tuple(batch[node_id]), now / 1000.0)))
-    if outcome != "run.completed":
+    if outcome != Kind.RUN_COMPLETED:
         raise SimulationStuck(f"{workflow.name}: the run ended {outcome!r}, not completed")
 
     lower = max(plan.critical_length, plan.total_work / slots)

@@ -1,7 +1,7 @@
 """The state database (SQLite through aiosqlite): nodes, runs, tasks, attempts, the
 append-only event journal and the rollback symbols of completed symbols.
 
-The scheduler's `Journal` entries are the only way anything is written. `Store.write`
+The scheduler's journal records are the only way anything is written. `Store.write`
 turns a batch of them into one transaction (group commit): inserts first, then the
 updates of each row merged into one statement, then the journal rows in order.
 """
@@ -25,9 +25,12 @@ from typing import Any
 
 import aiosqlite
 
+from . import journal as jn
 from . import maintenance
-from .core import Journal, TaskRecord
+from .core import TaskRecord
 from .errors import StateBusy, StateError, StateLocked
+from .journal import Record
+from .tasks import RUN_FINAL, AttemptOutcome, NodeState, RunState, TaskState
 
 log = logging.getLogger("swarm.state")
 
@@ -102,7 +105,6 @@ CREATE TABLE IF NOT EXISTS durations (
 """
 
 TABLES = ("nodes", "runs", "tasks", "attempts", "events", "rollbacks", "run_rollbacks")
-FINAL_RUN_STATES = ("completed", "failed", "rolled_back", "cancelled")
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode  # built once
@@ -153,10 +155,17 @@ _INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, run_id, task_id, symbol, no
 
 _INSERT_TASK = ("INSERT OR IGNORE INTO tasks (task_id, run_id, symbol, kind, parent, dispatch,"
                 " position, state, deps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-# Journal kinds that change a run's status, and the status they set.
-_RUN_STATUS = {"run.completed": "completed", "run.failed": "failed",
-               "run.rolled_back": "rolled_back", "run.rolling_back": "rolling_back",
-               "run.cancelled": "cancelled", "run.paused": "paused"}
+_INSERT_ATTEMPT = ("INSERT INTO attempts (token, task_id, run_id, attempt, node, started_at,"
+                   f" outcome) VALUES (?, ?, ?, ?, ?, ?, '{AttemptOutcome.RUNNING}')")
+# Journal kinds that set a run's or a node's status, and the status they set. (Rows get
+# states as plain strings: sqlite binds a str subclass through an adapter lookup.)
+_RUN_STATUS = {jn.Kind.RUN_COMPLETED: RunState.COMPLETED.value,
+               jn.Kind.RUN_FAILED: RunState.FAILED.value,
+               jn.Kind.RUN_ROLLED_BACK: RunState.ROLLED_BACK.value,
+               jn.Kind.RUN_CANCELLED: RunState.CANCELLED.value,
+               jn.Kind.RUN_ROLLING_BACK: RunState.ROLLING_BACK.value,
+               jn.Kind.RUN_PAUSED: RunState.PAUSED.value}
+_NODE_GONE = {jn.Kind.NODE_LOST: NodeState.LOST.value, jn.Kind.NODE_LEFT: NodeState.LEFT.value}
 # A run's row with its requested rollback phase, if any (see run_rollbacks).
 _RUN_ROW = ("SELECT r.*, rb.status AS rollback_status,"
             " rb.requested_at AS rollback_requested_at,"
@@ -164,102 +173,114 @@ _RUN_ROW = ("SELECT r.*, rb.status AS rollback_status,"
             " LEFT JOIN run_rollbacks rb ON rb.run_id = r.run_id")
 
 
-def _apply(b: _Batch, e: Journal) -> None:
-    d = e.data
-    k = e.kind
-    tid = e.task_id
-    if k == "run.started":
-        m = d["manifest"]
-        b.insert("INSERT INTO runs (run_id, workflow, version, manifest_hash, manifest,"
-                 " on_failure, mode, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (e.run_id, d["workflow"], d["version"], d["hash"], _json(m), d["on_failure"],
-                  d["mode"], "running", e.ts))
-        for i, s in enumerate(m["symbols"]):
-            b.insert(_INSERT_TASK, (f"{e.run_id}/{s['name']}", e.run_id, s["name"], "main", None,
-                                    s["dispatch"], i, "pending", None))
-    elif k == "rollback.created":
-        spec = d["spec"]
-        b.insert(_INSERT_TASK, (tid, e.run_id, e.symbol, "rollback", d["parent"],
-                                spec["dispatch"], -1, "pending", _json(d["after"])))
-    elif k == "symbol.queued":
-        if d:  # requeued (a retry, a lost worker): a due time it had is over
-            b.update("tasks", tid, state="ready", due_at=None)
-        else:
-            b.update("tasks", tid, state="ready")
-    elif k == "symbol.waiting":  # a ready task's due_at: when its wait_for_worker ends
-        b.update("tasks", tid, due_at=d.get("due"))
-    elif k == "symbol.unblocked":
-        b.update("tasks", tid, due_at=None)
-    elif k == "run.rollback_requested":
-        b.insert("INSERT OR REPLACE INTO run_rollbacks (run_id, status, requested_at,"
-                 " finished_at) VALUES (?, 'rolling_back', ?, NULL)", (e.run_id, e.ts))
-    elif k == "rollback.completed":
-        b.update("run_rollbacks", e.run_id, status=d["status"], finished_at=e.ts)
-    elif k == "symbol.started":
-        cols: dict[str, Any] = {"state": "running", "attempts": e.attempt, "node": e.node,
-                                "token": d["token"], "due_at": None, "node_id": d["node_id"]}
-        if e.attempt == 1:
-            cols["started_at"] = e.ts
-        b.update("tasks", tid, **cols)
-        b.insert("INSERT INTO attempts (token, task_id, run_id, attempt, node, started_at,"
-                 " outcome) VALUES (?, ?, ?, ?, ?, ?, 'running')",
-                 (d["token"], tid, e.run_id, e.attempt, e.node, e.ts))
-    elif k == "symbol.orphaned":
-        b.update("tasks", tid, state="retrying", due_at=d["due"])
-    elif k == "symbol.adopted":
-        b.update("tasks", tid, state="running", node=e.node, node_id=d.get("node_id"))
-        # Closed as lost when the dispatcher restored; it was running all along.
-        b.update("attempts", (tid, e.attempt), outcome="running", finished_at=None,
-                 error=None)
-    elif k == "attempt.finished":
-        outcome = "ok" if d["ok"] else ("timeout" if d["timed_out"] else "failed")
-        b.update("attempts", (tid, e.attempt), finished_at=e.ts, outcome=outcome,
-                 exit_code=d["exit_code"], duration_ms=d["duration_ms"],
-                 result=_json(d["output"]), error=d["error"] or None, stderr=d["stderr"],
-                 truncated=int(d["stdout_truncated"] or d["stderr_truncated"]))
-    elif k == "attempt.lost":
-        b.update("attempts", (tid, e.attempt), finished_at=e.ts, outcome="lost",
-                 error=d["reason"])
-        b.update("tasks", tid, losses=d["losses"])
-    elif k == "symbol.completed":
-        b.update("tasks", tid, state="completed", finished_at=e.ts, result=_json(d["output"]),
-                 error=None)
-        if "rollback" in d:
-            b.insert("INSERT OR REPLACE INTO rollbacks (run_id, symbol, spec, completed_at)"
-                     " VALUES (?, ?, ?, ?)", (e.run_id, e.symbol, _json(d["rollback"]), e.ts))
-    elif k == "symbol.retrying":
-        b.update("tasks", tid, state="retrying", due_at=d["due"], error=d["error"])
-    elif k == "symbol.failed":
-        b.update("tasks", tid, state="failed", finished_at=e.ts, error=d["error"])
-    elif k == "symbol.cancelled":
-        b.update("tasks", tid, state="cancelled", finished_at=e.ts)
-    elif k == "symbol.skipped":
-        b.update("tasks", tid, state="skipped", finished_at=e.ts, error=d["reason"])
-    elif k == "symbol.rolled_back":
-        b.update("tasks", tid, state="rolled_back")
-        b.late.setdefault("UPDATE rollbacks SET rolled_back_at = ? WHERE run_id = ?"
-                          " AND symbol = ?", []).append((e.ts, e.run_id, e.symbol))
-    elif k in _RUN_STATUS or k == "run.resumed":
-        status = d["status"] if k == "run.resumed" else _RUN_STATUS[k]
-        b.update("runs", e.run_id, status=status,
-                 finished_at=e.ts if status in FINAL_RUN_STATES else None)
-    elif k == "node.joined":
-        # A node keeps its id across reconnections: its row keeps its first joined_at, and
-        # what changed is an update, merged in journal order with its leavings (a node may
-        # leave and come back within one group commit).
-        b.insert("INSERT OR IGNORE INTO nodes (node_id, name, capabilities, slots, labels,"
-                 " status, joined_at) VALUES (?, ?, ?, ?, ?, 'connected', ?)",
-                 (d["node_id"], e.node, _json(d["capabilities"]), d["slots"],
-                  _json(d["labels"]), e.ts))
-        b.update("nodes", d["node_id"], name=e.node, capabilities=_json(d["capabilities"]),
-                 slots=d["slots"], labels=_json(d["labels"]), status="connected",
-                 left_at=None, reason=None, seen_at=e.ts)
-    elif k in ("node.lost", "node.left"):
-        b.update("nodes", d["node_id"], status=k[5:], left_at=e.ts, reason=d["reason"])
-    # The attempts row holds an attempt's output.
-    data = e.lean_data("output") if k == "attempt.finished" else e.lean_data()
+def _apply(b: _Batch, e: Record) -> None:
+    """One record's rows (by its type), and its events row."""
+    data = e.data
+    match e:
+        case jn.SymbolQueued():
+            if e.reason:  # requeued (a retry, a lost worker): a due time it had is over
+                b.update("tasks", e.task_id, state=TaskState.READY.value, due_at=None)
+            else:
+                b.update("tasks", e.task_id, state=TaskState.READY.value)
+        case jn.SymbolStarted():
+            cols: dict[str, Any] = {"state": TaskState.RUNNING.value, "attempts": e.attempt,
+                                    "node": e.node, "token": e.token, "due_at": None,
+                                    "node_id": e.node_id}
+            if e.attempt == 1:
+                cols["started_at"] = e.ts
+            b.update("tasks", e.task_id, **cols)
+            b.insert(_INSERT_ATTEMPT, (e.token, e.task_id, e.run_id, e.attempt, e.node, e.ts))
+        case jn.AttemptFinished():
+            outcome = (AttemptOutcome.OK if e.ok else
+                       AttemptOutcome.TIMEOUT if e.timed_out else AttemptOutcome.FAILED).value
+            b.update("attempts", (e.task_id, e.attempt), finished_at=e.ts, outcome=outcome,
+                     exit_code=e.exit_code, duration_ms=e.duration_ms, result=_json(e.output),
+                     error=e.error or None, stderr=e.stderr,
+                     truncated=int(e.stdout_truncated or e.stderr_truncated))
+            del data["output"]  # the attempts row holds it
+        case jn.SymbolCompleted():
+            b.update("tasks", e.task_id, state=TaskState.COMPLETED.value, finished_at=e.ts,
+                     result=_json(e.output), error=None)
+            if e.rollback is not None:
+                b.insert("INSERT OR REPLACE INTO rollbacks (run_id, symbol, spec, completed_at)"
+                         " VALUES (?, ?, ?, ?)", (e.run_id, e.symbol, _json(e.rollback), e.ts))
+        case jn.RunStarted():
+            m = e.manifest
+            assert m is not None, "a run.started record without its manifest"
+            b.insert("INSERT INTO runs (run_id, workflow, version, manifest_hash, manifest,"
+                     " on_failure, mode, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (e.run_id, e.workflow, e.version, e.hash, _json(m), e.on_failure,
+                      e.mode, RunState.RUNNING.value, e.ts))
+            for i, s in enumerate(m["symbols"]):
+                b.insert(_INSERT_TASK, (f"{e.run_id}/{s['name']}", e.run_id, s["name"], "main",
+                                        None, s["dispatch"], i, TaskState.PENDING.value, None))
+        case jn.RollbackCreated():
+            b.insert(_INSERT_TASK, (e.task_id, e.run_id, e.symbol, "rollback", e.parent,
+                                    e.spec["dispatch"], -1, TaskState.PENDING.value,
+                                    _json(e.after)))
+        case jn.SymbolWaiting():  # a ready task's due_at: when its wait_for_worker ends
+            b.update("tasks", e.task_id, due_at=e.due)
+        case jn.SymbolUnblocked():
+            b.update("tasks", e.task_id, due_at=None)
+        case jn.RunRollbackRequested():
+            b.insert("INSERT OR REPLACE INTO run_rollbacks (run_id, status, requested_at,"
+                     " finished_at) VALUES (?, ?, ?, NULL)",
+                     (e.run_id, RunState.ROLLING_BACK.value, e.ts))
+        case jn.RollbackCompleted():
+            b.update("run_rollbacks", e.run_id, status=e.status, finished_at=e.ts)
+        case jn.SymbolOrphaned():
+            b.update("tasks", e.task_id, state=TaskState.RETRYING.value, due_at=e.due)
+        case jn.SymbolAdopted():
+            b.update("tasks", e.task_id, state=TaskState.RUNNING.value, node=e.node,
+                     node_id=e.node_id)
+            # Closed as lost when the dispatcher restored; it was running all along.
+            b.update("attempts", (e.task_id, e.attempt), outcome=AttemptOutcome.RUNNING.value,
+                     finished_at=None, error=None)
+        case jn.AttemptLost():
+            b.update("attempts", (e.task_id, e.attempt), finished_at=e.ts,
+                     outcome=AttemptOutcome.LOST.value, error=e.reason)
+            b.update("tasks", e.task_id, losses=e.losses)
+        case jn.SymbolRetrying():
+            b.update("tasks", e.task_id, state=TaskState.RETRYING.value, due_at=e.due,
+                     error=e.error)
+        case jn.SymbolFailed():
+            b.update("tasks", e.task_id, state=TaskState.FAILED.value, finished_at=e.ts,
+                     error=e.error)
+        case jn.SymbolCancelled():
+            b.update("tasks", e.task_id, state=TaskState.CANCELLED.value, finished_at=e.ts)
+        case jn.SymbolSkipped():
+            b.update("tasks", e.task_id, state=TaskState.SKIPPED.value, finished_at=e.ts,
+                     error=e.reason)
+        case jn.SymbolRolledBack():
+            b.update("tasks", e.task_id, state=TaskState.ROLLED_BACK.value)
+            b.late.setdefault("UPDATE rollbacks SET rolled_back_at = ? WHERE run_id = ?"
+                              " AND symbol = ?", []).append((e.ts, e.run_id, e.symbol))
+        case jn.RunEnded():
+            b.update("runs", e.run_id, status=_RUN_STATUS[e.KIND], finished_at=e.ts)
+        case jn.RunRollingBack() | jn.RunPaused():
+            b.update("runs", e.run_id, status=_RUN_STATUS[e.KIND], finished_at=None)
+        case jn.RunResumed():
+            b.update("runs", e.run_id, status=e.status,
+                     finished_at=e.ts if e.status in RUN_FINAL else None)
+        case jn.NodeJoined():
+            # A node keeps its id across reconnections: its row keeps its first joined_at,
+            # and what changed is an update, merged in journal order with its leavings (a
+            # node may leave and come back within one group commit).
+            b.insert("INSERT OR IGNORE INTO nodes (node_id, name, capabilities, slots, labels,"
+                     " status, joined_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (e.node_id, e.node, _json(e.capabilities), e.slots, _json(e.labels),
+                      NodeState.CONNECTED.value, e.ts))
+            b.update("nodes", e.node_id, name=e.node, capabilities=_json(e.capabilities),
+                     slots=e.slots, labels=_json(e.labels), status=NodeState.CONNECTED.value,
+                     left_at=None, reason=None, seen_at=e.ts)
+        case jn.NodeLost() | jn.NodeLeft():
+            b.update("nodes", e.node_id, status=_NODE_GONE[e.KIND], left_at=e.ts,
+                     reason=e.reason)
+    for k in e._BULKY:
+        data.pop(k, None)
     b.seq += 1
-    b.events.append((b.seq, e.ts, k, e.run_id, tid, e.symbol, e.node, e.attempt, _json(data)))
+    b.events.append((b.seq, e.ts, e.kind, e.run_id, e.task_id, e.symbol, e.node, e.attempt,
+                     _json(data)))
 
 
 # Per symbol of the workflow (names as a JSON array), the median duration of its
@@ -565,7 +586,7 @@ class Store:
             os.close(self._lock)  # the lock goes with it
             self._lock = -1
 
-    async def write(self, entries: Iterable[Journal]) -> range:
+    async def write(self, entries: Iterable[Record]) -> range:
         """Commit a batch of journal entries in one transaction (group commit); the seqs of
         their events, one per entry, in order."""
         b = _Batch(self.last_seq)
@@ -676,7 +697,8 @@ class Store:
             after=tuple(json.loads(t["deps"])) if t["deps"] else (),
             node_id=t["node_id"] or "") for t in tasks]
         run["outputs"] = {t["symbol"]: json.loads(t["result"]) if t["result"] else None
-                          for t in tasks if t["kind"] == "main" and t["state"] == "completed"}
+                          for t in tasks
+                          if t["kind"] == "main" and t["state"] == TaskState.COMPLETED}
         return run, records
 
     async def active_run_by_hash(self, manifest_hash: str) -> str | None:

@@ -6,13 +6,16 @@ that raises leaves them as they were."""
 from __future__ import annotations
 
 import operator
+import signal
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import undo
 from .errors import SwarmError
-from .events import NodeConnected
 from .model import RollbackSpec, Symbol, Workflow
+
+if TYPE_CHECKING:  # events imports the journal, which imports these states
+    from .events import NodeConnected
 
 
 class TaskState(StrEnum):
@@ -54,10 +57,56 @@ class RunState(StrEnum):
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
     CANCELLED = "cancelled"
+    # A status of the store and the wire only: the core keeps a paused run RUNNING (and
+    # its `paused` flag set).
+    PAUSED = "paused"
 
 
 RUN_FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.ROLLED_BACK,
                        RunState.CANCELLED})
+# The run statuses of the store that are not over yet.
+RUN_ACTIVE = frozenset({RunState.RUNNING, RunState.ROLLING_BACK, RunState.PAUSED})
+
+
+class NodeState(StrEnum):
+    """A node's status in the store (draining is a flag of a connected node)."""
+
+    CONNECTED = "connected"
+    LOST = "lost"  # gone without saying so: silent past heartbeat_timeout, or disconnected
+    LEFT = "left"  # gone after draining
+
+
+class AttemptOutcome(StrEnum):
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    LOST = "lost"  # its worker was lost (or forgot it)
+
+
+class ErrorCode(StrEnum):
+    """Why an attempt or a symbol failed, in swarm's own words (a backend's own failures
+    are `EXIT_<n>` and `SIGNAL_<NAME>`: see `exit` and `signal`)."""
+
+    TIMEOUT = "TIMEOUT"  # the attempt outlived its timeout
+    HUNG = "HUNG"  # the attempt stopped making progress
+    WORKER_LOST = "WORKER_LOST"  # its worker went away too many times
+    CANCELLED = "CANCELLED"  # its run was cancelled
+    UNDELIVERABLE = "UNDELIVERABLE"  # no worker could be given it (too big, none capable)
+
+    @staticmethod
+    def exit(status: int) -> str:
+        """The code of a backend that exited with `status` (a negative one: its signal)."""
+        return ErrorCode.signal(-status) if status < 0 else f"EXIT_{status}"
+
+    @staticmethod
+    def signal(signum: int) -> str:
+        """The code of a backend killed by signal `signum`: `SIGNAL_KILL`, `SIGNAL_TERM`."""
+        try:
+            name = signal.Signals(signum).name.removeprefix("SIG")
+        except ValueError:
+            name = str(signum)
+        return f"SIGNAL_{name}"
 
 
 class RunPhase(StrEnum):

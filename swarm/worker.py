@@ -29,6 +29,7 @@ from .config import Config
 from .errors import AuthenticationFailed, ConfigError, ProtocolError, RemoteProtocolError
 from .secrets import SecretError, scrub
 from .secrets import resolve as resolve_secrets
+from .tasks import AttemptOutcome
 from .tls import client_context
 
 log = logging.getLogger("swarm.worker")
@@ -323,7 +324,8 @@ class Worker:
             outcome = Outcome(ok=False, output=None, error=f"{type(e).__name__}: {e}")
         self._running.pop(token, None)
         log.debug("symbol %s attempt %d on %s: %s in %.0f ms%s", inv.symbol, inv.attempt,
-                  inv.dispatch, "ok" if outcome.ok else "failed", outcome.duration_ms,
+                  inv.dispatch, AttemptOutcome.OK if outcome.ok else AttemptOutcome.FAILED,
+                  outcome.duration_ms,
                   "" if outcome.ok else f": {outcome.error}", extra=_context(inv, self.name))
         result = _sendable(p.TaskResult(
             token=token, task_id=inv.task_id, ok=outcome.ok, output=outcome.output,

@@ -342,7 +342,7 @@ def test_journal_records_a_completion_before_the_assignment_of_its_dependent() -
     h.submit(wf(sym("a"), sym("b", "a")))
     (t,) = h.take("w")
     cmds = h.result("w", t)
-    kinds = [type(x).__name__ + (":" + x.kind if isinstance(x, c.Journal) else "") for x in cmds]
+    kinds = ["Journal:" + x.kind if isinstance(x, c.Journal) else type(x).__name__ for x in cmds]
     assert kinds.index("Journal:symbol.completed") < kinds.index("Assign")
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from swarm import journal as jn
 from swarm import maintenance, report
-from swarm.core import Journal
 from swarm.errors import InputError, StateError
 from swarm.state import SCHEMA_VERSION, Store
 
@@ -85,8 +85,8 @@ async def test_a_schema_2_database_opens_with_every_run_intact(old_db: Path) -> 
                                rows_["events"], rows_["nodes"], time.time())
             assert rep["status"] == status and rep["symbols"]
         assert store.last_seq == 40  # events go on from the journal's last seq
-        seqs = await store.write([Journal("node.left", time.time(), node="w1", data={
-            "node_id": "x", "reason": "test"})])
+        seqs = await store.write([jn.NodeLeft(time.time(), node="w1", node_id="x",
+                                              reason="test", running=0)])
         assert list(seqs) == [41]
     finally:
         await store.close()
@@ -193,25 +193,25 @@ async def test_prune_gives_the_space_back(tmp_path: Path) -> None:
             run_id = f"run-{i}"
             symbols = [{"name": f"s{j}", "dispatch": "internal"} for j in range(50)]
             ts = t0 + i * 10
-            batch = [Journal("run.started", ts, run_id, data={
-                "manifest": {"symbols": symbols}, "workflow": "big", "version": "1",
-                "hash": f"h{i}", "on_failure": "rollback", "mode": "rolling"})]
+            batch: list[jn.Record] = [jn.RunStarted(
+                ts, run_id, manifest={"symbols": symbols}, workflow="big", version="1",
+                hash=f"h{i}", symbols=len(symbols), on_failure="rollback", mode="rolling")]
             for j in range(50):
                 tid = f"{run_id}/s{j}"
                 token = i * 1000 + j + 1
                 batch += [
-                    Journal("symbol.started", ts + 1, run_id, tid, f"s{j}", "w", 1,
-                            data={"token": token, "node_id": "w#1"}),
-                    Journal("attempt.finished", ts + 2, run_id, tid, f"s{j}", "w", 1, data={
-                        "token": token, "ok": True, "output": blob, "error": "",
-                        "exit_code": 0, "timed_out": False, "duration_ms": 5.0,
-                        "stderr": blob, "stdout_truncated": False,
-                        "stderr_truncated": False}),
-                    Journal("symbol.completed", ts + 2, run_id, tid, f"s{j}", "w", 1,
-                            data={"output": blob, "duration_ms": 5.0})]
+                    jn.SymbolStarted(ts + 1, run_id, tid, f"s{j}", "w", 1, token=token,
+                                     node_id="w#1"),
+                    jn.AttemptFinished(ts + 2, run_id, tid, f"s{j}", "w", 1, token=token,
+                                       ok=True, output=blob, error="", exit_code=0,
+                                       timed_out=False, duration_ms=5.0, stderr=blob,
+                                       stdout_truncated=False, stderr_truncated=False),
+                    jn.SymbolCompleted(ts + 2, run_id, tid, f"s{j}", "w", 1, output=blob,
+                                       duration_ms=5.0)]
             # The last 4 runs finished today; the rest 10 days ago.
             end = time.time() if i >= 36 else ts + 3
-            batch.append(Journal("run.completed", end, run_id, data={"status": "completed"}))
+            batch.append(jn.RunCompleted(end, run_id, status="completed", counts={},
+                                         duration=end - ts))
             await store.write(batch)
     finally:
         await store.close()
@@ -227,22 +227,21 @@ async def test_seqs_are_never_given_twice_even_after_a_prune(tmp_path: Path) -> 
     db = tmp_path / "s.db"
     store = await Store.open(db)
     try:
-        first = await store.write([Journal("node.left", 1.0, node="w", data={
-            "node_id": "x", "reason": "r"}) for _ in range(3)])
+        first = await store.write([jn.NodeLeft(1.0, node="w", node_id="x", reason="r",
+                                               running=0) for _ in range(3)])
         assert list(first) == [1, 2, 3]
         second = await store.write([
-            Journal("run.started", 2.0, "r1", data={
-                "manifest": {"symbols": []}, "workflow": "w", "version": "1", "hash": "h",
-                "on_failure": "rollback", "mode": "rolling"}),
-            Journal("run.completed", 3.0, "r1", data={"status": "completed"})])
+            jn.RunStarted(2.0, "r1", manifest={"symbols": []}, workflow="w", version="1",
+                          hash="h", symbols=0, on_failure="rollback", mode="rolling"),
+            jn.RunCompleted(3.0, "r1", status="completed", counts={}, duration=1.0)])
         assert list(second) == [4, 5]
     finally:
         await store.close()
     assert maintenance.prune(str(db), 1).runs == 1  # the events 4 and 5 are gone
     store = await Store.open(db)
     try:
-        assert list(await store.write([Journal("node.left", 4.0, node="w", data={
-            "node_id": "x", "reason": "r"})])) == [6]
+        assert list(await store.write([jn.NodeLeft(4.0, node="w", node_id="x", reason="r",
+                                                   running=0)])) == [6]
     finally:
         await store.close()
 

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from swarm import journal as jn
 from swarm.errors import StateBusy, StateError, StateLocked
-from swarm.events import Journal
 from swarm.state import Store
 
 pytestmark = [pytest.mark.timeout(60)]
 
 
-def node_joined(i: int) -> Journal:
-    return Journal("node.joined", 1.0 + i, node=f"w{i}", data={
-        "node_id": f"w{i}#1", "capabilities": ["internal"], "slots": 4, "labels": {}})
+def node_joined(i: int) -> jn.NodeJoined:
+    return jn.NodeJoined(1.0 + i, node=f"w{i}", node_id=f"w{i}#1", capabilities=["internal"],
+                         slots=4, labels={})
 
 
 def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
@@ -35,9 +35,10 @@ async def test_a_batch_is_stored_whole_whatever_its_size(tmp_path: Path, size: i
         assert rows(tmp_path / "s.db", "SELECT COUNT(*) FROM nodes") == [(size,)]
         assert rows(tmp_path / "s.db", "SELECT COUNT(*) FROM events") == [(size,)]
         # A batch that fails half-way leaves nothing of itself behind.
-        started = Journal("run.started", 2.0, run_id="r1", data={
-            "workflow": "w", "version": "1", "hash": "h", "on_failure": "rollback",
-            "mode": "rolling", "manifest": {"symbols": [{"name": "a", "dispatch": "internal"}]}})
+        started = jn.RunStarted(
+            2.0, run_id="r1", workflow="w", version="1", hash="h", symbols=1,
+            on_failure="rollback", mode="rolling",
+            manifest={"symbols": [{"name": "a", "dispatch": "internal"}]})
         bad = [started, started]  # the same run twice: the second insert fails
         with pytest.raises(StateError, match="UNIQUE constraint failed") as failed:
             await store.write([*(node_joined(i) for i in range(size, 2 * size)), *bad,
@@ -82,8 +83,8 @@ async def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
         con.executescript(V1_SCHEMA)
     store = await Store.open(db)
     try:
-        await store.write([Journal("symbol.started", 20.0, "r", "r/c", "c", "w", 1, data={
-            "token": -(1 << 62), "node_id": "w#1"})])
+        await store.write([jn.SymbolStarted(20.0, "r", "r/c", "c", "w", 1, token=-(1 << 62),
+                                            node_id="w#1")])
     finally:
         await store.close()
     assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
@@ -100,8 +101,8 @@ async def test_a_node_that_leaves_and_rejoins_in_one_commit_is_connected(
     store = await Store.open(tmp_path / "s.db")
     try:
         await store.write([node_joined(1)])
-        await store.write([Journal("node.left", 5.0, node="w1", data={
-            "node_id": "w1#1", "reason": "replaced", "running": 0}), node_joined(1)])
+        await store.write([jn.NodeLeft(5.0, node="w1", node_id="w1#1", reason="replaced",
+                                       running=0), node_joined(1)])
     finally:
         await store.close()
     assert rows(tmp_path / "s.db", "SELECT status, joined_at, left_at FROM nodes") == [

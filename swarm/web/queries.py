@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..secrets import redact
+from ..tasks import TaskState
 
 T = TypeVar("T")
 TAIL = 4096  # characters of stderr and of text output a symbol's page shows
@@ -133,7 +134,7 @@ class Queries:
         if not runs or g is None:
             return None
         n = len(g.names)
-        state, node, attempts = ["pending"] * n, [""] * n, [0] * n
+        state, node, attempts = [TaskState.PENDING.value] * n, [""] * n, [0] * n
         started: list[float | None] = [None] * n
         finished: list[float | None] = [None] * n
         rollbacks = []
@@ -197,7 +198,8 @@ class Queries:
             states = {r["symbol"]: r["state"] for r in self._rows(
                 "SELECT symbol, state FROM tasks WHERE run_id = ? AND kind = 'main' AND"
                 " symbol IN (SELECT value FROM json_each(?))", (run_id, json.dumps(names)))}
-            deps = [{"symbol": d, "state": states.get(d, "pending")} for d in names]
+            deps = [{"symbol": d, "state": states.get(d, TaskState.PENDING.value)}
+                    for d in names]
         rollback = next((t for t in tasks if t["kind"] == "rollback"), None)
         return {"task": task, "spec": spec, "attempts": attempts, "dependencies": deps,
                 "rollback": rollback, "now": time.time()}

@@ -30,9 +30,9 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 
 from .. import __version__
-from .. import core as c
+from .. import journal as jn
 from ..errors import SwarmError
-from ..tasks import RUN_FINAL
+from ..tasks import RUN_FINAL, RunState
 from .auth import Auth, same_origin
 from .queries import Queries
 from .why import why_not_running
@@ -50,10 +50,18 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml",
           ".txt": "text/plain; charset=utf-8"}
-# Per event kind, the few fields of its data the page uses.
-_INFO: dict[str, tuple[str, ...]] = {
-    "attempt.finished": ("ok", "timed_out", "exit_code"), "symbol.retrying": ("due",),
-    "attempt.lost": ("reason",)}
+
+
+def _info(r: jn.Record) -> dict[str, Any] | None:
+    """The few fields of a record's data the page uses."""
+    match r:
+        case jn.AttemptFinished():
+            return {"ok": r.ok, "timed_out": r.timed_out, "exit_code": r.exit_code}
+        case jn.SymbolRetrying():
+            return {"due": r.due}
+        case jn.AttemptLost():
+            return {"reason": r.reason}
+    return {"status": getattr(r, "status", None)} if r.kind[:4] == "run." else None
 
 
 class _Socket:
@@ -212,7 +220,7 @@ class Dashboard:
         core = self.d.core
         if core is None:
             return {}
-        return {r.id: "paused" if r.paused else r.state.value
+        return {r.id: RunState.PAUSED.value if r.paused else r.state.value
                 for r in core._runs.values()}  # noqa: SLF001 - read only
 
     def _cluster(self) -> dict[str, Any]:
@@ -232,7 +240,8 @@ class Dashboard:
                 row["breaker"] = str(getattr(breaker, "value", breaker))
             nodes.append(row)
         runs = [{"run_id": r.id, "workflow": r.workflow.name, "started": r.started,
-                 "status": "paused" if r.paused else r.state.value, "total": len(r.tasks)}
+                 "status": RunState.PAUSED.value if r.paused else r.state.value,
+                 "total": len(r.tasks)}
                 for r in core._runs.values() if r.state not in RUN_FINAL]  # noqa: SLF001
         return {"nodes": nodes, "runs": runs, "now": time.time(),
                 "waiting_for_capability": core._unrunnable(50)}  # noqa: SLF001
@@ -281,7 +290,7 @@ class Dashboard:
                 sock.buf, sock.activity, sock.reload = [], 0, False
                 await sock.send_json(msg)
 
-    def publish(self, records: list[c.Journal]) -> None:
+    def publish(self, records: list[jn.Record]) -> None:
         """Committed entries to the open dashboards: the followed run's in full (compact),
         runs' and nodes' own events to every dashboard, and a count of the rest."""
         for sock in self.sockets:
@@ -290,11 +299,8 @@ class Dashboard:
             for r in records:
                 k = r.kind
                 if r.run_id == run and run is not None or k[:4] in ("run.", "node"):
-                    keys = _INFO.get(k)
-                    info = {x: r.data.get(x) for x in keys} if keys else (
-                        {"status": r.data.get("status")} if k[:4] == "run." else None)
-                    buf.append([k, r.ts, r.run_id, r.symbol, r.node, r.attempt, info])
-                elif k == "symbol.started" or k == "attempt.finished":
+                    buf.append([k, r.ts, r.run_id, r.symbol, r.node, r.attempt, _info(r)])
+                elif isinstance(r, jn.SymbolStarted | jn.AttemptFinished):
                     sock.activity += 1
             if len(buf) > BACKLOG:
                 buf.clear()

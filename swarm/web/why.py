@@ -9,7 +9,7 @@ import itertools
 from typing import Any
 
 from ..core import Scheduler
-from ..tasks import RUN_FINAL, Task, TaskState
+from ..tasks import RUN_FINAL, TERMINAL, Task, TaskState
 
 
 def why_not_running(core: Scheduler | None, run_id: str, symbol: str) -> list[dict[str, Any]]:
@@ -19,8 +19,7 @@ def why_not_running(core: Scheduler | None, run_id: str, symbol: str) -> list[di
     if core is None or run is None:
         return []
     task = run.tasks.get(symbol) or next((t for t in run.rollbacks if t.name == symbol), None)
-    if task is None or task.state in (TaskState.RUNNING,) or task.state.value in (
-            "completed", "failed", "skipped", "rolled_back", "cancelled"):
+    if task is None or task.state is TaskState.RUNNING or task.state in TERMINAL:
         return []
     out: list[dict[str, Any]] = []
     if run.state in RUN_FINAL:
