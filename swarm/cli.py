@@ -27,7 +27,9 @@ EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 RUN_EXIT = {"completed": EXIT_OK}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(wanted: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given `wanted`, the command about to run, the options of other
+    commands that are costly to define (the simulator's) are left out."""
     ap = argparse.ArgumentParser(prog="swarm", description=(
         "Dispatch workflows of symbols to worker nodes over WebSockets."))
     ap.add_argument("--version", action="version", version=f"swarm {__version__}")
@@ -153,14 +155,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="predict the makespan on N slots (a simulation of the scheduler)")
     sp.add_argument("--db", help="a state DB whose history gives expected durations")
 
-    from .simulate import add_simulate_arguments
-
-    add_simulate_arguments(cmd("simulate", "compare scheduling policies on random workflows "
-                                           "with a virtual clock"))
-    from .bench import add_bench_arguments
-
-    add_bench_arguments(cmd("bench", "measure dispatch throughput, latency, CPU and scale on "
-                                     "a local swarm with a real state DB"))
+    # The measuring commands' options live with their modules (the simulator, the
+    # benchmark), which no other command should import: they are defined only when wanted.
+    for name, (module, help) in _MEASURING.items():
+        sp = cmd(name, help)
+        if wanted in (None, name):
+            add_arguments = getattr(importlib.import_module(module, __package__),
+                                    f"add_{name}_arguments")
+            add_arguments(sp)
 
     sp = cmd("validate", "check a manifest and report every problem")
     sp.add_argument("manifest")
@@ -179,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+_MEASURING = {
+    "simulate": (".simulate", "compare scheduling policies on random workflows with a virtual "
+                              "clock"),
+    "bench": (".bench", "measure dispatch throughput, latency, CPU and scale on a local swarm "
+                        "with a real state DB"),
+}
 _COMMON_HELP = {
     "config": "config file (default ./swarm-config.toml if present, else built-in defaults)",
     "url": "dispatcher URL (default SWARM_URL, else [dispatcher] coordinator_endpoint)",
@@ -191,7 +199,8 @@ _COMMON_HELP = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(_command(argv))
     args = parser.parse_args(argv)
     if args.command is None:  # bare `swarm`, as the original: the help
         return _help(parser, None)
@@ -207,6 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _reader_left()
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The command `argv` names, if it names one for sure (the first word not an option;
+    `help X` is X); None when unsure, and the parser then defines every option."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or argv[0].startswith("-"):
+        return None
+    if words[0] == "help":
+        return words[1] if len(words) > 1 else "help"
+    return words[0]
 
 
 def _help(parser: argparse.ArgumentParser, topic: str | None) -> int:
