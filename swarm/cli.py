@@ -164,6 +164,17 @@ def _parser(wanted: str | None = None) -> argparse.ArgumentParser:
                                     f"add_{name}_arguments")
             add_arguments(sp)
 
+    sp = cmd("debug", "tools to look into a state DB")
+    tools = sp.add_subparsers(dest="tool", metavar="TOOL", required=True,
+                              help="replay: check the scheduler against the journal")
+    sp = tools.add_parser("replay", help="rebuild the scheduler from the stimuli kept in a "
+                                         "state DB and check it journals what the DB says",
+                          description="Rebuild the scheduler from the stimuli kept in a "
+                                      "state DB and check that it journals what the DB says; "
+                                      "exit 1 at the first divergence.")
+    sp.add_argument("db", help="the state database (read only: a dispatcher may run on it)")
+    sp.add_argument("run_id", nargs="?", help="compare only this run's journal entries")
+
     sp = cmd("validate", "check a manifest and report every problem")
     sp.add_argument("manifest")
 
@@ -373,6 +384,24 @@ def _simulate(args: argparse.Namespace) -> int:
     return main_simulate(args)
 
 
+def cmd_debug(args: argparse.Namespace) -> int:
+    from .replay import replay
+
+    out = replay(args.db, args.run_id)
+    counts = (f"{out.sessions} sessions, {out.stimuli} stimuli, {out.entries} journal "
+              f"entries{' of run ' + args.run_id if args.run_id else ''}")
+    if out.skipped:
+        counts += f"; {out.skipped} older sessions not replayable (their start is not kept)"
+    if out.divergence is None and not out.sessions:
+        print(f"nothing to replay: {counts}")
+        return EXIT_INPUT
+    if out.divergence is not None:
+        print(f"diverged: {out.divergence}\n(checked before it: {counts})")
+        return EXIT_FAILED
+    print(f"matches: {counts}")
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from .manifest import load_manifest
 
@@ -406,6 +435,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": cmd_config,
     "plan": cmd_plan,
     "validate": cmd_validate,
+    "debug": cmd_debug,
 }
 
 __all__ = ["main", "COMMANDS"]
