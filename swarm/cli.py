@@ -28,7 +28,9 @@ EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 RUN_EXIT = {RunState.COMPLETED.value: EXIT_OK}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(wanted: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given `wanted`, the command about to run, the options of other
+    commands that are costly to define (the simulator's) are left out."""
     ap = argparse.ArgumentParser(prog="swarm", description=(
         "Dispatch workflows of symbols to worker nodes over WebSockets."))
     ap.add_argument("--version", action="version", version=f"swarm {__version__}")
@@ -154,14 +156,25 @@ def _parser() -> argparse.ArgumentParser:
                     help="predict the makespan on N slots (a simulation of the scheduler)")
     sp.add_argument("--db", help="a state DB whose history gives expected durations")
 
-    from .simulate import add_simulate_arguments
+    # The measuring commands' options live with their modules (the simulator, the
+    # benchmark), which no other command should import: they are defined only when wanted.
+    for name, (module, help) in _MEASURING.items():
+        sp = cmd(name, help)
+        if wanted in (None, name):
+            add_arguments = getattr(importlib.import_module(module, __package__),
+                                    f"add_{name}_arguments")
+            add_arguments(sp)
 
-    add_simulate_arguments(cmd("simulate", "compare scheduling policies on random workflows "
-                                           "with a virtual clock"))
-    from .bench import add_bench_arguments
-
-    add_bench_arguments(cmd("bench", "measure dispatch throughput, latency, CPU and scale on "
-                                     "a local swarm with a real state DB"))
+    sp = cmd("debug", "tools to look into a state DB")
+    tools = sp.add_subparsers(dest="tool", metavar="TOOL", required=True,
+                              help="replay: check the scheduler against the journal")
+    sp = tools.add_parser("replay", help="rebuild the scheduler from the stimuli kept in a "
+                                         "state DB and check it journals what the DB says",
+                          description="Rebuild the scheduler from the stimuli kept in a "
+                                      "state DB and check that it journals what the DB says; "
+                                      "exit 1 at the first divergence.")
+    sp.add_argument("db", help="the state database (read only: a dispatcher may run on it)")
+    sp.add_argument("run_id", nargs="?", help="compare only this run's journal entries")
 
     sp = cmd("validate", "check a manifest and report every problem")
     sp.add_argument("manifest")
@@ -180,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+_MEASURING = {
+    "simulate": (".simulate", "compare scheduling policies on random workflows with a virtual "
+                              "clock"),
+    "bench": (".bench", "measure dispatch throughput, latency, CPU and scale on a local swarm "
+                        "with a real state DB"),
+}
 _COMMON_HELP = {
     "config": "config file (default ./swarm-config.toml if present, else built-in defaults)",
     "url": "dispatcher URL (default SWARM_URL, else [dispatcher] coordinator_endpoint)",
@@ -192,7 +211,8 @@ _COMMON_HELP = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(_command(argv))
     args = parser.parse_args(argv)
     if args.command is None:  # bare `swarm`, as the original: the help
         return _help(parser, None)
@@ -208,6 +228,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _reader_left()
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The command `argv` names, if it names one for sure (the first word not an option;
+    `help X` is X); None when unsure, and the parser then defines every option."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or argv[0].startswith("-"):
+        return None
+    if words[0] == "help":
+        return words[1] if len(words) > 1 else "help"
+    return words[0]
 
 
 def _help(parser: argparse.ArgumentParser, topic: str | None) -> int:
@@ -354,6 +385,24 @@ def _simulate(args: argparse.Namespace) -> int:
     return main_simulate(args)
 
 
+def cmd_debug(args: argparse.Namespace) -> int:
+    from .replay import replay
+
+    out = replay(args.db, args.run_id)
+    counts = (f"{out.sessions} sessions, {out.stimuli} stimuli, {out.entries} journal "
+              f"entries{' of run ' + args.run_id if args.run_id else ''}")
+    if out.skipped:
+        counts += f"; {out.skipped} older sessions not replayable (their start is not kept)"
+    if out.divergence is None and not out.sessions:
+        print(f"nothing to replay: {counts}")
+        return EXIT_INPUT
+    if out.divergence is not None:
+        print(f"diverged: {out.divergence}\n(checked before it: {counts})")
+        return EXIT_FAILED
+    print(f"matches: {counts}")
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from .manifest import load_manifest
 
@@ -387,6 +436,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": cmd_config,
     "plan": cmd_plan,
     "validate": cmd_validate,
+    "debug": cmd_debug,
 }
 
 __all__ = ["main", "COMMANDS"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import hmac
@@ -42,6 +43,8 @@ from .plan import gc_paused
 from .results import RunResult
 from .secrets import redact_output
 from .state import Store
+from .stimuli import Fed, Forgotten, SessionStarted, Stimulus, session_config
+from .store import StateStore
 from .tls import check_listen, client_context, server_context
 from .web import Dashboard
 
@@ -60,6 +63,7 @@ STATE_WATCH = 0.5  # seconds between checks that the state DB file is still ours
 # The tick loop woke this much later than it asked to: the dispatcher itself stalled (a
 # SIGSTOP, a blocked disk, a long burst of work), and nobody's silence is judged across it.
 STALL = 1.0
+STIMULI_ALONE = 256  # stimuli without journal entries that are committed on their own
 
 
 def random_token() -> int:
@@ -181,13 +185,18 @@ class Dispatcher:
         self.port = config.dispatcher.websocket_port if port is None else port
         self.db_path = db_path or config.resolve(config.dispatcher.state_db_path)
         self.core: c.Scheduler | None = None
-        self.store: Store | None = None
+        self.store: StateStore | None = None  # today's is SQLite's (`state.Store`)
         self._server: Server | None = None
         self._workers: dict[str, _Peer] = {}
         self._clients: set[_Peer] = set()
         self._records: list[jn.Record] = []
         self._sends: list[tuple[_Peer, p.Message | None]] = []
         self._stored: list[asyncio.Future[None]] = []  # resolved by the next commit
+        # What the core was fed, for replay (swarm.stimuli): written with the journal.
+        self._stimuli: list[Stimulus] = []
+        self._session = 0  # the id of this dispatcher's first stimulus
+        self._next_stimulus = 0
+        self._drawn: list[int] = []  # attempt tokens drawn while the current event ran
         self.ops = Operations(self)
         self.web = Dashboard(self)  # the web dashboard: `/`, `/api/...`, `/ws/dashboard`
         self._fed_at = 0.0  # when the event behind the pending sends arrived
@@ -203,9 +212,9 @@ class Dispatcher:
         self._rearm = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
-        self._started = time.time()
+        self.started_at = time.time()
         self.now = Clock()
-        self._node_key = b""
+        self.node_key = b""  # the DB's secret node secrets come from (read at start)
         self.failed: BaseException | None = None
         self._broken = False  # the scheduler raised: it takes no more events
         self._writing_since: float | None = None  # the commit in flight began then
@@ -224,10 +233,13 @@ class Dispatcher:
         ssl_context = server_context(self.config)
         self._allowed = await resolve_allowed(self.config.security.allowed_hosts)
         self.store = await Store.open(self.db_path, self.config.dispatcher.synchronous)
-        self._node_key = await self.store.node_key()
-        self.core = c.Scheduler(scheduler_config(self.config))
+        self.node_key = await self.store.node_key()
+        self._session = self._next_stimulus = self.store.last_stimulus + 1
+        sched = scheduler_config(self.config)
+        self.core = c.Scheduler(dataclasses.replace(sched, token_source=self._draw_token))
+        self._remember(SessionStarted(session_config(sched)), 0)
         for run_id in await self.store.unfinished_runs():
-            await self._restore(run_id)
+            await self.restore(run_id)
         try:
             self._server = await serve(
                 self._serve, self.host, self.port,
@@ -314,7 +326,7 @@ class Dispatcher:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _restore(self, run_id: str) -> bool:
+    async def restore(self, run_id: str) -> bool:
         """Load a run from the state DB into the core; False if there is no such run."""
         assert self.store is not None and self.core is not None
         loaded = await self.store.load_run(run_id)
@@ -322,9 +334,9 @@ class Dispatcher:
             return False
         row, records = loaded
         wf = workflow_from_dict(row["manifest"], source=f"<run {run_id}>")
-        self._feed(c.RunRestored(run_id, wf, row["status"], row["created_at"], tuple(records),
-                                 self.now(), row["rollback_status"] or "",
-                                 row["rollback_requested_at"] or 0.0))
+        self.feed(c.RunRestored(run_id, wf, row["status"], row["created_at"], tuple(records),
+                                self.now(), row["rollback_status"] or "",
+                                row["rollback_requested_at"] or 0.0))
         log.info("run %s (%s): %s, restored from the state DB", run_id, wf.name, row["status"],
                  extra={"run_id": run_id})
         return True
@@ -364,12 +376,28 @@ class Dispatcher:
         if self._server is not None:
             self._server.close()  # every peer sees the dispatcher go
 
-    def _feed(self, event: c.Event) -> None:
+    def _draw_token(self) -> int:
+        token = random_token()
+        self._drawn.append(token)  # a replay must hand out the same ones
+        return token
+
+    def _remember(self, event: Fed, first: int) -> None:
+        """Keep a stimulus, to be written with the journal entries from index `first`."""
+        self._stimuli.append(Stimulus(self._next_stimulus, self._session, event, first,
+                                      len(self._records) - first, tuple(self._drawn)))
+        self._next_stimulus += 1
+        self._drawn.clear()
+
+    def feed(self, event: c.Event) -> None:
+        """Hand an event to the scheduler; what it asks for is stored, then sent. Raises
+        `core.Refused` (nothing changed) for a request the run does not allow now."""
         assert self.core is not None
         if self._broken:
             return  # stopping: the scheduler's memory is no longer trusted
         if not self._sends:
             self._fed_at = time.perf_counter()
+        event = dataclasses.replace(event, stimulus_id=self._next_stimulus)
+        first = len(self._records)
         try:
             if isinstance(event, (c.RunSubmitted, c.RunRestored)):
                 # A run's tasks are built in one burst (100,000 at a time): the cyclic GC
@@ -379,6 +407,7 @@ class Dispatcher:
             else:
                 commands = self.core.handle(event)
         except c.Refused:
+            self._drawn.clear()
             raise  # a request its run does not allow now: nothing changed; the caller says so
         except Exception as e:
             # A bug of ours. `handle` undid the event's changes, but a scheduler that
@@ -412,8 +441,14 @@ class Dispatcher:
             elif isinstance(cmd, c.CloseNode):
                 log.warning("node %s: %s; closing its connection", peer.name, cmd.reason)
                 self._sends.append((peer, None))
+        self._remember(event, first)
         self._dirty.set()
         self._rearm.set()
+
+    def send_after_commit(self, peer: _Peer, msg: p.Message) -> None:
+        """Send `msg` once the journal entries fed so far are committed."""
+        self._sends.append((peer, msg))
+        self._dirty.set()
 
     async def stored(self) -> None:
         """Return once everything fed so far is committed to the state DB (StateError if
@@ -430,10 +465,16 @@ class Dispatcher:
             records, sends, fed_at = self._records, self._sends, self._fed_at
             stored, self._stored = self._stored, []
             self._records, self._sends = [], []
-            if records:
+            # Stimuli that caused no entry (heartbeats, quiet ticks) wait for a commit that
+            # has some, within bounds: an idle swarm does not commit every heartbeat.
+            stimuli: list[Stimulus] = []
+            if records or len(self._stimuli) >= STIMULI_ALONE or self._closing:
+                stimuli, self._stimuli = self._stimuli, []
+            seqs = range(0)
+            if records or stimuli:
                 t0 = time.perf_counter()
                 try:
-                    seqs = await self._write(records)
+                    seqs = await self._write(records, stimuli)
                 except BaseException:
                     self._stored[:0] = stored  # the flush loop fails them all
                     raise
@@ -477,11 +518,11 @@ class Dispatcher:
             error = (f"its assignment of {len(frame):,} bytes exceeds what worker {peer.name} "
                      f"accepts in one frame ({peer.max_frame:,} bytes)")
             log.error("symbol %s of run %s: %s", t.symbol, t.run_id, error)
-            self._feed(c.ResultsReceived(peer.node_id, (p.TaskResult(
+            self.feed(c.ResultsReceived(peer.node_id, (p.TaskResult(
                 token=t.token, task_id=t.task_id, ok=False, retryable=False, error=error),),
                 self.now()))
 
-    async def _write(self, records: list[jn.Record]) -> range:
+    async def _write(self, records: list[jn.Record], stimuli: list[Stimulus]) -> range:
         """Commit, trying again with backoff while the state DB holds it up (another
         process's lock, a full disk). Meanwhile the dispatcher serves on: heartbeats are
         heard, new events queue behind, and nothing behind these entries is sent."""
@@ -492,7 +533,7 @@ class Dispatcher:
         try:
             while True:
                 try:
-                    seqs = await self.store.write(records)
+                    seqs = await self.store.write(records, stimuli)
                     break
                 except StateBusy as e:
                     waited = time.monotonic() - began
@@ -555,7 +596,10 @@ class Dispatcher:
         assert self.core is not None
         stalled = 0.0
         while True:
+            held = len(self.core.known_runs())
             self.core.forget_finished()  # finished runs live on in the state DB only
+            if len(self.core.known_runs()) != held:
+                self._remember(Forgotten(), len(self._records))
             deadline = self.core.next_deadline()
             now = self.now()
             wait = TICK_MAX if deadline is None else min(TICK_MAX, deadline - now)
@@ -569,7 +613,7 @@ class Dispatcher:
                 nd = self.core.next_deadline()
                 if (nd is None or nd > self.now()) and not stalled:
                     continue
-            self._feed(c.Tick(self.now(), stalled))
+            self.feed(c.Tick(self.now(), stalled))
             stalled = 0.0
 
     def _publish(self, records: list[jn.Record], seqs: range) -> None:
@@ -627,7 +671,7 @@ class Dispatcher:
     def node_secret(self, node_id: str) -> bytes:
         """A node's secret, derived from the DB's node key: nothing per node to store, and
         it survives dispatcher restarts."""
-        return hmac.new(self._node_key, node_id.encode(), hashlib.sha256).digest()
+        return hmac.new(self.node_key, node_id.encode(), hashlib.sha256).digest()
 
     async def _serve_peer(self, ws: ServerConnection) -> None:
         token = self.config.security.token
@@ -710,20 +754,20 @@ class Dispatcher:
                             heartbeat_interval=self.config.coordinator.heartbeat_interval))
         log.info("worker %s joined: %s, %d slots", hello.name,
                  ", ".join(hello.capabilities) or "no backends", hello.slots)
-        self._feed(c.NodeConnected(node_id, hello.name, hello.capabilities, hello.slots,
-                                   self.now(), hello.labels, hello.running))
+        self.feed(c.NodeConnected(node_id, hello.name, hello.capabilities, hello.slots,
+                                  self.now(), hello.labels, hello.running))
         try:
             async for msg in self._messages(ws, hello):
                 now = self.now()
                 if self._workers.get(node_id) is not peer:
                     break  # replaced by a newer connection of the same node
                 if isinstance(msg, p.Results):
-                    self._feed(c.ResultsReceived(node_id, msg.items, now))
+                    self.feed(c.ResultsReceived(node_id, msg.items, now))
                 elif isinstance(msg, p.Heartbeat):
-                    self._feed(c.NodeHeartbeat(node_id, now, msg.running, msg.assigned))
+                    self.feed(c.NodeHeartbeat(node_id, now, msg.running, msg.assigned))
                 elif isinstance(msg, p.Draining):
                     peer.draining = True
-                    self._feed(c.NodeDraining(node_id, now))
+                    self.feed(c.NodeDraining(node_id, now))
                 else:
                     log.warning("worker %s sent %s, which workers may not send", hello.name,
                                 msg.T)
@@ -736,7 +780,7 @@ class Dispatcher:
                 del self._workers[node_id]
                 log.info("worker %s left (%s)", hello.name,
                          "drained" if peer.draining else "connection closed")
-                self._feed(c.NodeDisconnected(node_id, self.now(), graceful=peer.draining))
+                self.feed(c.NodeDisconnected(node_id, self.now(), graceful=peer.draining))
             await peer.close()
 
     async def _serve_client(self, ws: ServerConnection, hello: p.Hello) -> None:

@@ -17,6 +17,10 @@ from .protocol import TaskAssignment, TaskResult
 
 # --- events (in) ----------------------------------------------------------------------
 
+# Every event carries the id of the stimulus it is: the shell numbers what it feeds the
+# core, and keeps the recent ones with the journal (swarm.stimuli), so that a run can be
+# replayed. Keyword-only, after the event's own fields; 0 for an event not numbered.
+
 
 @dataclass(frozen=True, slots=True)
 class NodeConnected:
@@ -27,6 +31,7 @@ class NodeConnected:
     now: float
     labels: dict[str, str] = field(default_factory=dict)
     running: tuple[int, ...] = ()  # attempt tokens it still runs (after a reconnect)
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +39,7 @@ class NodeDisconnected:
     node_id: str
     now: float
     graceful: bool = False  # it said it was draining: its leftovers are not "lost"
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +50,14 @@ class NodeHeartbeat:
     # How many assignments the worker had received on this connection when it sent the
     # heartbeat: only attempts assigned up to then can be missing from `running`.
     assigned: int | None = None
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
 class NodeDraining:
     node_id: str
     now: float
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,7 @@ class RunSubmitted:
     reuse: dict[str, Any] = field(default_factory=dict)  # symbol -> output, done before
     resumed_from: str | None = None
     durations: dict[str, float] = field(default_factory=dict)  # expected ms per symbol
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,24 +100,28 @@ class RunRestored:
     # when it began. The run's own `status` stays the outcome it ended with.
     rollback: str = ""
     rollback_started: float = 0.0
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
 class RollbackRequested:
     run_id: str
     now: float
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
 class RunPaused:
     run_id: str
     now: float
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
 class RunResumed:
     run_id: str
     now: float
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +129,7 @@ class RunCancelled:
     run_id: str
     now: float
     rollback: bool = False
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +137,14 @@ class ResultsReceived:
     node_id: str
     results: tuple[TaskResult, ...]
     now: float
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
 class Tick:
     now: float
     stalled: float = 0.0  # seconds the shell itself was late (a stall): no node is to blame
+    stimulus_id: int = field(default=0, kw_only=True)
 
 
 Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted

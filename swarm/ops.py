@@ -1,6 +1,8 @@
 """What clients may ask of the dispatcher (deploy, status, run control, reports) and the
-HTTP endpoints beside the WebSocket. A mixin of `Dispatcher`: these methods use its core,
-store and send queue, and nothing here touches a socket directly."""
+HTTP endpoints beside the WebSocket. `Operations` works through `DispatcherPort`, the
+small public face of the `Dispatcher`: its scheduler (read), its state store, feeding
+an event, and replying once what was fed is committed. Nothing here touches a socket
+directly."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack  # type: ignore[import-untyped]
 from websockets.asyncio.server import ServerConnection
@@ -28,19 +30,54 @@ from .secrets import redact, redact_output
 from .tasks import RunState, TaskState
 
 if TYPE_CHECKING:
-    from .dispatcher import Dispatcher, _Peer
+    from .config import Config
+    from .dispatcher import _Peer
+    from .metrics import Histogram, Tally
+    from .store import StateStore
 
 log = logging.getLogger("swarm.dispatcher")
 
 
+class DispatcherPort(Protocol):
+    """What operations use of the dispatcher. The scheduler is read, never changed, except
+    through `feed`; the store is read, never written, except through the journal."""
+
+    config: Config
+    db_path: str
+    started_at: float  # time.time() at start, for uptimes
+    pruning: set[str]  # runs a prune is deleting now: never loaded again
+    dispatch_latency: Histogram
+    journal_latency: Histogram
+    tally: Tally
+
+    @property
+    def core(self) -> c.Scheduler | None: ...
+
+    @property
+    def store(self) -> StateStore | None: ...
+
+    def now(self) -> float: ...
+
+    def feed(self, event: c.Event) -> None: ...
+
+    def send_after_commit(self, peer: _Peer, msg: p.Message) -> None: ...
+
+    async def stored(self) -> None: ...
+
+    async def restore(self, run_id: str) -> bool: ...
+
+    def counters(self) -> list[tuple[str, str, float]]: ...
+
+    def gauges(self) -> list[tuple[str, str, float]]: ...
+
+
 class Operations:
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: DispatcherPort) -> None:
         self.d = dispatcher
 
     def _reply_after_commit(self, peer: _Peer, req: p.Request, data: dict[str, Any]) -> None:
         """Queued behind the journal entries just fed: sent once they are committed."""
-        self.d._sends.append((peer, p.Reply(id=req.id, ok=True, data=data)))
-        self.d._dirty.set()
+        self.d.send_after_commit(peer, p.Reply(id=req.id, ok=True, data=data))
 
     def _refuse(self, peer: _Peer, req: p.Request, error: str, code: int = 2,
                 data: dict[str, Any] | None = None) -> None:
@@ -86,7 +123,7 @@ class Operations:
         run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         if a.get("follow"):
             peer.watching.add(run_id)
-        self.d._feed(c.RunSubmitted(run_id, wf, self.d.now(), reuse, resumed_from, durations))
+        self.d.feed(c.RunSubmitted(run_id, wf, self.d.now(), reuse, resumed_from, durations))
         log.info("run %s: %s %s, %d symbols%s", run_id, wf.name, wf.version, len(wf.symbols),
                  f", resuming {resumed_from} ({len(reuse)} done)" if resumed_from else "",
                  extra={"run_id": run_id})
@@ -129,10 +166,10 @@ class Operations:
             return {"run_id": run_id, "nothing_to_undo": True, "status": row["status"],
                     "message": f"run {run_id}: nothing to undo: {why}; it stays "
                                f"{row['status']}"}
-        if state is None and not await self.d._restore(run_id):
+        if state is None and not await self.d.restore(run_id):
             raise RequestRefused(f"no run {run_id!r}")  # pruned meanwhile
         try:
-            self.d._feed(c.RollbackRequested(run_id, self.d.now()))
+            self.d.feed(c.RollbackRequested(run_id, self.d.now()))
         except c.Refused as e:
             raise RequestRefused(str(e)) from None
         log.info("run %s: rollback of %d symbols requested", run_id, len(targets),
@@ -158,7 +195,7 @@ class Operations:
         if state is None or state in c.RUN_FINAL:
             raise RequestRefused(f"run {run_id!r} is not active")
         try:
-            self.d._feed(event)
+            self.d.feed(event)
         except c.Refused as e:
             raise RequestRefused(str(e)) from None
         return {"run_id": run_id, "done": {"pause": RunState.PAUSED.value, "resume": "resumed",
@@ -189,7 +226,7 @@ class Operations:
             data["summary"] = summary(data, await self.d.store.symbol_totals())
             data["db_path"] = self.d.db_path
             data["version"] = __version__
-            data["uptime"] = time.time() - self.d._started
+            data["uptime"] = time.time() - self.d.started_at
             peer.send(p.Reply(id=req.id, ok=True, data=data))
         elif req.op in ("run", "report"):
             rows = await self.d.store.report_rows(a["run_id"])
@@ -217,7 +254,7 @@ class Operations:
             peer.send(p.Reply(id=req.id, ok=True, data=result.to_dict()))
         elif req.op == "backup":
             # On the dispatcher's host, beside the loop: a reader never blocks the writer.
-            done = await asyncio.to_thread(maintenance.backup, self.d.db_path, a["path"])
+            done = await self.d.store.backup(a["path"])
             log.info("backup of the state database written to %s (%d bytes)", done.path,
                      done.bytes)
             peer.send(p.Reply(id=req.id, ok=True, data=done.to_dict()))
@@ -228,11 +265,10 @@ class Operations:
         """Remove finished runs older than that, on a connection of its own in a thread:
         the dispatcher serves meanwhile; its group commits wait for one short prune
         transaction at a time. Runs the core holds (active, or being rolled back) stay."""
-        assert self.d.core is not None
+        assert self.d.core is not None and self.d.store is not None
         protected = set(self.d.core.active_runs()) | set(self.d.core.known_runs())
-        result = await asyncio.to_thread(
-            maintenance.prune, self.d.db_path, older_than, dry_run=dry_run,
-            protected=protected, pruning=self.d.pruning)
+        result = await self.d.store.prune(older_than, dry_run=dry_run, protected=protected,
+                                          pruning=self.d.pruning)
         if result.runs and not dry_run:
             log.info("pruned %d runs (%d rows) finished before %s; %d bytes given back",
                      result.runs, sum(result.rows.values()),
@@ -308,13 +344,13 @@ class Operations:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             body = json.dumps({"status": "ok", "version": __version__,
-                               "uptime": time.time() - self.d._started})
+                               "uptime": time.time() - self.d.started_at})
             return _response(200, body, "application/json")
         if path == "/metrics":
             assert self.d.core is not None and self.d.store is not None
             text = metrics.render(self.d.core.snapshot(), await self.d.store.runs_by_status(),
                                   (self.d.dispatch_latency, self.d.journal_latency),
-                                  time.time() - self.d._started, __version__,
+                                  time.time() - self.d.started_at, __version__,
                                   self.d.counters(), self.d.gauges(),
                                   [*self.d.tally.render(), *metrics.process_metrics()])
             return _response(200, text, "text/plain; version=0.0.4; charset=utf-8")

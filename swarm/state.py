@@ -18,7 +18,7 @@ import socket
 import sqlite3
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,18 @@ from . import maintenance
 from .core import TaskRecord
 from .errors import StateBusy, StateError, StateLocked
 from .journal import Record
+from .stimuli import KEPT as STIMULI_KEPT
+from .stimuli import TRIM_EVERY as STIMULI_TRIM
+from .stimuli import Stimulus
+from .stimuli import encode as encode_stimulus
 from .tasks import RUN_FINAL, AttemptOutcome, NodeState, RunState, TaskState
 
 log = logging.getLogger("swarm.state")
 
 # 2: random attempt tokens (rows keyed by `id`), tasks.node_id; 3: finished runs may be
-# pruned (events trigger, durations kept in aggregate, incremental vacuum)
-SCHEMA_VERSION = 3
+# pruned (events trigger, durations kept in aggregate, incremental vacuum); 4: the recent
+# stimuli of the scheduler, kept with the journal for replay (swarm.stimuli)
+SCHEMA_VERSION = 4
 DEFAULT_DURATION_MS = 1000.0  # expected duration of a symbol with no history at all
 # SQLite's primary result codes of a write that may succeed if tried again: another
 # process holds a lock (BUSY, LOCKED), the disk is full (FULL) or failed (IOERR).
@@ -102,6 +107,12 @@ CREATE TABLE IF NOT EXISTS run_rollbacks (
 CREATE TABLE IF NOT EXISTS durations (
     workflow TEXT NOT NULL, symbol TEXT NOT NULL, dispatch TEXT NOT NULL, ms REAL NOT NULL,
     samples INTEGER NOT NULL, kept_at REAL NOT NULL, PRIMARY KEY (workflow, symbol));
+-- What the scheduler was fed, in order (swarm.stimuli), the most recent ones only: each
+-- with the events of the journal it caused (`entries` of them from seq `first_seq`),
+-- written in the same commit. `session` is the id of its dispatcher's first stimulus.
+CREATE TABLE IF NOT EXISTS stimuli (
+    id INTEGER PRIMARY KEY, session INTEGER NOT NULL, kind TEXT NOT NULL,
+    first_seq INTEGER NOT NULL, entries INTEGER NOT NULL, body BLOB NOT NULL);
 """
 
 TABLES = ("nodes", "runs", "tasks", "attempts", "events", "rollbacks", "run_rollbacks")
@@ -153,6 +164,8 @@ _KEYS = {"tasks": "task_id = ?", "attempts": "task_id = ? AND attempt = ?",
 _INSERT_EVENT = ("INSERT INTO events (seq, ts, kind, run_id, task_id, symbol, node, attempt,"
                  " data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
+_INSERT_STIMULUS = ("INSERT INTO stimuli (id, session, kind, body, first_seq, entries)"
+                    " VALUES (?, ?, ?, ?, ?, ?)")
 _INSERT_TASK = ("INSERT OR IGNORE INTO tasks (task_id, run_id, symbol, kind, parent, dispatch,"
                 " position, state, deps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_ATTEMPT = ("INSERT INTO attempts (token, task_id, run_id, attempt, node, started_at,"
@@ -514,6 +527,8 @@ class Store:
         # The seq of the last event committed. The dispatcher is the DB's only writer, so
         # it numbers the events itself and knows each one's seq when it publishes it.
         self.last_seq = 0
+        self.last_stimulus = 0  # the id of the last stimulus stored (swarm.stimuli)
+        self._stimuli_trimmed = 0  # every stimulus up to this id is gone
         # workflow -> (when, (symbols, default) asked for, expected ms per symbol)
         self._durations: dict[str, tuple[float, tuple[dict[str, str], float],
                                          dict[str, float]]] = {}
@@ -553,6 +568,9 @@ class Store:
             "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
             " COALESCE((SELECT MAX(seq) FROM events), 0)) AS seq")
         store.last_seq = int(rows[0]["seq"])
+        rows = await store._rows("SELECT COALESCE(MIN(id) - 1, 0) AS low, COALESCE(MAX(id), 0)"
+                                 " AS high FROM stimuli")
+        store._stimuli_trimmed, store.last_stimulus = int(rows[0]["low"]), int(rows[0]["high"])
         return store
 
     @classmethod
@@ -586,25 +604,44 @@ class Store:
             os.close(self._lock)  # the lock goes with it
             self._lock = -1
 
-    async def write(self, entries: Iterable[Record]) -> range:
+    async def write(self, entries: Sequence[Record], stimuli: Sequence[Stimulus] = ()
+                    ) -> range:
         """Commit a batch of journal entries in one transaction (group commit); the seqs of
         their events, one per entry, in order."""
         b = _Batch(self.last_seq)
         for e in entries:
             _apply(b, e)
-        if not b.events:
+        if not b.events and not stimuli:
             return range(0)
         if self._writer is None:
             raise StateError(f"{self.path}: opened read-only")
+        trim = 0
+        if stimuli and stimuli[-1].id - self._stimuli_trimmed >= STIMULI_KEPT + STIMULI_TRIM:
+            trim = stimuli[-1].id - STIMULI_KEPT  # the oldest go, a few thousand at a time
+        first = self.last_seq + 1
+
+        def commit(con: sqlite3.Connection) -> None:
+            if stimuli:  # encoded here, off the event loop
+                b.inserts[_INSERT_STIMULUS] = [
+                    (s.id, s.session, *encode_stimulus(s), first + s.first, s.entries)
+                    for s in stimuli]
+                if trim:
+                    b.late["DELETE FROM stimuli WHERE id <= ?"] = [(trim,)]
+            _commit(con, b)
+
         t0 = time.perf_counter()
         # Always on the writer's thread: a commit waits for its fsync, and for a lock that
         # another process holds (busy_timeout); the event loop must go on meanwhile.
         try:
-            await self._writer.call(lambda con: _commit(con, b))
+            await self._writer.call(commit)
         except sqlite3.Error as e:
             raise _classify(self.path, e) from e
         self.write_seconds += time.perf_counter() - t0
         self.writes += 1
+        if trim:
+            self._stimuli_trimmed = trim
+        if stimuli:
+            self.last_stimulus = stimuli[-1].id
         seqs = range(self.last_seq + 1, b.seq + 1)
         self.last_seq = b.seq
         return seqs
@@ -618,6 +655,18 @@ class Store:
             await self._writer.call(lambda con: con.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
         except sqlite3.Error as e:
             log.debug("checkpoint to reclaim space failed: %s", e)
+
+    async def prune(self, older_than: float, *, dry_run: bool = False,
+                    protected: Collection[str] = (), pruning: set[str] | None = None
+                    ) -> maintenance.PruneResult:
+        """`maintenance.prune` on a connection of its own, in a thread: the writer commits
+        meanwhile, waiting for one short prune transaction at a time."""
+        return await asyncio.to_thread(maintenance.prune, self.path, older_than,
+                                       dry_run=dry_run, protected=protected, pruning=pruning)
+
+    async def backup(self, dest: str) -> maintenance.BackupResult:
+        """`maintenance.backup` in a thread: a reader never blocks the writer."""
+        return await asyncio.to_thread(maintenance.backup, self.path, dest)
 
     # --- reads ------------------------------------------------------------------------
 

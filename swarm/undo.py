@@ -168,7 +168,7 @@ class TList(list[Any]):
 
     # Anything else that changes a list in place would escape the log.
     insert = remove = reverse = sort = __setitem__ = __delitem__ = __iadd__ = _refuse  # type: ignore[assignment]
-    pop = _refuse  # type: ignore[assignment]
+    pop = _refuse
 
 
 def append(lst: list[T], item: T) -> None:
@@ -196,14 +196,14 @@ def _unpop(heap: list[Any], item: Any, _: Any) -> None:
     heapq.heappush(heap, item)
 
 
-def heappush(heap: list[T], item: T) -> None:
+def heappush(heap: list[Any], item: Any) -> None:
     heapq.heappush(heap, item)
     log = entries
     if log is not None:
         log.append((_unpush, heap, item, None))
 
 
-def heappop(heap: list[T]) -> T:
+def heappop(heap: list[Any]) -> Any:
     item = heapq.heappop(heap)
     log = entries
     if log is not None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from backend_support import PHP_ENGINE, PS_ENGINE, build_rust_injector, fake_pwsh_path, find_php
-from e2e_support import REPO, Cluster, pid_alive, result_json, wait_for, write_manifest
+from e2e_support import REPO, Cluster, env, pid_alive, result_json, wait_for, write_manifest
 
 from swarm.state import SCHEMA_VERSION
 
@@ -244,6 +246,30 @@ def test_status_shows_nodes_tasks_and_db_records(cluster: Cluster) -> None:
     assert s["db"]["nodes"] == 1
     human = cluster.cli("status", str(cluster.config_path), "--url", cluster.url)
     assert human.returncode == 0 and "w1" in human.stdout and "idle" in human.stdout
+
+
+_STATUS_IMPORTS = """
+import sys
+from swarm.cli import main
+code = main(sys.argv[1:])
+print(",".join(sorted(m for m in sys.modules if m.startswith("swarm"))), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_status_imports_neither_benchmark_nor_simulator_nor_dispatcher(cluster: Cluster
+                                                                        ) -> None:
+    cluster.start_dispatcher()
+    for extra in ((), ("--json",)):
+        cp = subprocess.run([sys.executable, "-c", _STATUS_IMPORTS, "status", "--url",
+                             cluster.url, *extra], capture_output=True, text=True, env=env(),
+                            timeout=60, cwd=cluster.root, stdin=subprocess.DEVNULL)
+        assert cp.returncode == 0, cp.stderr
+        loaded = set(cp.stderr.strip().splitlines()[-1].split(","))
+        assert "swarm.client" in loaded
+        heavy = {"swarm.bench", "swarm.bench.harness", "swarm.bench.peers", "swarm.simulate",
+                 "swarm.dispatcher", "swarm.core", "swarm.state", "swarm.local"}
+        assert not loaded & heavy, sorted(loaded & heavy)
 
 
 def test_unreachable_dispatcher_exits_3(tmp_path: Path) -> None:

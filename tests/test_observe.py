@@ -396,12 +396,12 @@ async def test_a_watch_is_answered_only_once_what_it_reports_is_stored(
         store = ls.dispatcher.store
         real_write, held, gate = store.write, asyncio.Event(), asyncio.Event()
 
-        async def slow_write(entries: Any) -> range:
+        async def slow_write(entries: Any, stimuli: Any = ()) -> range:
             entries = list(entries)
             if any(e.kind == "run.completed" for e in entries):
                 held.set()
                 await gate.wait()
-            return await real_write(entries)
+            return await real_write(entries, stimuli)
 
         monkeypatch.setattr(store, "write", slow_write)
         run_id = (await ls.client.submit(wf, follow=False))["run_id"]
@@ -430,7 +430,7 @@ async def test_waiting_for_a_commit_ends_when_the_state_db_fails(
         assert d is not None and d.store is not None
         held, gate = asyncio.Event(), asyncio.Event()
 
-        async def failing_write(entries: Any) -> None:
+        async def failing_write(entries: Any, stimuli: Any = ()) -> None:
             held.set()
             await gate.wait()
             raise sqlite3.OperationalError("disk I/O error")

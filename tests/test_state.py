@@ -11,7 +11,9 @@ import pytest
 
 from swarm import journal as jn
 from swarm.errors import StateBusy, StateError, StateLocked
+from swarm.events import Tick
 from swarm.state import Store
+from swarm.stimuli import Stimulus
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -87,7 +89,7 @@ async def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
                                             node_id="w#1")])
     finally:
         await store.close()
-    assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+    assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
     # Kept in the order they started, the random token stored as it is; the attempt the
     # crash cut off is closed as lost at the last sign of life (none: its own start).
     assert rows(db, "SELECT token, outcome, finished_at FROM attempts ORDER BY id") == [
@@ -145,4 +147,45 @@ async def test_a_commit_blocked_by_another_process_is_reported_as_worth_retrying
         assert rows(tmp_path / "s.db", "SELECT COUNT(*) FROM nodes") == [(1,)]
     finally:
         other.close()
+        await store.close()
+
+
+async def test_a_schema_3_database_gains_the_stimuli_table(tmp_path: Path) -> None:
+    db = tmp_path / "v3.db"
+    store = await Store.open(db)
+    await store.write([node_joined(1)])
+    await store.close()
+    with sqlite3.connect(db) as con:  # as schema 3 left it: no stimuli kept
+        con.execute("DROP TABLE stimuli")
+        con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    store = await Store.open(db)
+    try:
+        assert store.last_stimulus == 0
+    finally:
+        await store.close()
+    assert rows(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
+    assert rows(db, "SELECT COUNT(*) FROM stimuli") == [(0,)]
+    assert rows(db, "SELECT COUNT(*) FROM nodes") == [(1,)]
+    assert len(list(tmp_path.glob("v3.db.schema3-*.bak"))) == 1
+
+
+async def test_only_the_most_recent_stimuli_are_kept(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("swarm.state.STIMULI_KEPT", 10)
+    monkeypatch.setattr("swarm.state.STIMULI_TRIM", 5)
+    db = tmp_path / "s.db"
+    store = await Store.open(db)
+    try:
+        for i in range(1, 41):  # one stimulus and the entry it caused per commit
+            await store.write([node_joined(i)], [Stimulus(i, 1, Tick(float(i)), 0, 1)])
+        assert store.last_stimulus == 40
+    finally:
+        await store.close()
+    kept = rows(db, "SELECT id, first_seq, entries FROM stimuli ORDER BY id")
+    assert 10 <= len(kept) < 15 and kept[-1] == (40, 40, 1)
+    assert [k[0] for k in kept] == list(range(41 - len(kept), 41))
+    store = await Store.open(db)  # numbering goes on after a restart
+    try:
+        assert store.last_stimulus == 40
+    finally:
         await store.close()

@@ -91,7 +91,7 @@ class Dashboard:
     def auth(self) -> Auth:
         if self._auth is None:  # the node key is read when the dispatcher starts
             cfg = self.d.config.security
-            self._auth = Auth(cfg.token, self.d._node_key, bool(cfg.tls_cert))
+            self._auth = Auth(cfg.token, self.d.node_key, bool(cfg.tls_cert))
         return self._auth
 
     @property

@@ -1,12 +1,7 @@
-"""`swarm bench`: throughput, latency, CPU and scale of a local swarm, measured.
+"""The `swarm bench` harness: the workloads, the helper processes and the report.
 
-A dispatcher in this process and N worker processes on loopback share a real SQLite file
-with the durability as shipped (WAL, synchronous=FULL). Every workload is a `Workflow`
-built in code, deployed through a `Client` and timed from submit to the run's final event
-as the client sees it: one warm-up, then `--runs` runs (median, min-max). W1 fan-out and
-CPU per task, W2 a layered DAG, W3 subprocess tasks against raw spawning, W4 latency of
-one task, W5 scale (a big manifest, memory per queued symbol, W1 at growing sizes and
-with many simulated workers). Targets are printed beside the figures, never asserted.
+Imported only by `swarm bench` (see `swarm.bench` for the workloads measured and the
+command's options); nothing in the product imports it.
 """
 
 from __future__ import annotations
@@ -30,47 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .client import Client
-from .config import load_config
-from .dispatcher import tune_gc
-from .errors import SwarmError
-from .journal import FINAL_RUN_EVENTS, Kind
-from .local import LocalSwarm
-from .model import Symbol, Workflow
+from ..client import Client
+from ..config import load_config
+from ..dispatcher import tune_gc
+from ..errors import SwarmError
+from ..journal import FINAL_RUN_EVENTS, Kind
+from ..local import LocalSwarm
+from ..model import Symbol, Workflow
+from . import SIZES, Sizes
+from .peers import PEERS
 
-# Slots per worker: W1 measured 2,230 tasks/s with 16, 3,220 with 64, 3,500 with 256 and
-# no better beyond (bigger batches per frame and per commit); W2 and W3 do not suffer.
-DEFAULT_SLOTS = 256
 RUN_TIMEOUT = 600.0  # seconds one run may take before the benchmark gives up
-ROOT = str(Path(__file__).resolve().parent.parent)
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
-PEERS = {  # same 2-core machine, 2 workers: W1, W2, W3 tasks/s, W4 ms, CPU ms per task
-    "Dask": (1582, 1041, 710, 10.6, 0.94),
-    "Ray": (1484, 1520, 938, 1.98, 1.15),
-    "Celery": (581, 477, 427, 2.98, 2.80),
-}
+ROOT = str(Path(__file__).resolve().parents[2])  # the checkout, for helper processes
 
 
 class BenchError(SwarmError):
     """A workload could not be measured (a run failed, a helper did not start)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Sizes:
-    w1: int
-    w2_layers: int
-    w2_width: int
-    w3: int
-    w4: int
-    manifest: int  # symbols of the W5 manifests and of the queued run
-    scale: tuple[int, ...]  # W1 sizes whose rates should be flat; the middle one = W1's
-    simulated: int
-
-
-SIZES = {
-    "small": Sizes(200, 2, 50, 20, 20, 1000, (200, 1000), 50),
-    "full": Sizes(10_000, 50, 100, 1000, 200, 100_000, (1000, 10_000, 100_000), 1000),
-}
 
 
 @dataclass(slots=True)
@@ -331,7 +301,7 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
 def simulated_workers(url: str, n: int, seconds: float = 900.0
                       ) -> Iterator[subprocess.Popen[bytes]]:
     """A helper process holding `n` simulated worker connections for the `with` block."""
-    code = "import sys; from swarm.bench import simulate_workers as s; s(*sys.argv[1:])"
+    code = "import sys; from swarm.bench.harness import simulate_workers as s; s(*sys.argv[1:])"
     proc = subprocess.Popen([sys.executable, "-c", code, url, str(n), str(seconds)],
                             env=_env(), stdin=subprocess.DEVNULL)
     try:
@@ -345,7 +315,7 @@ def simulate_workers(url: str, n: str, seconds: str) -> None:
     they take no work) and heartbeat every second, for at most `seconds` or until SIGTERM."""
     from websockets.asyncio.client import ClientConnection, connect
 
-    from . import protocol as p
+    from .. import protocol as p
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -521,11 +491,23 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                       for name, v in PEERS.items()}}
 
 
+def main_bench(args: argparse.Namespace) -> int:
+    """`swarm bench`: measure, then print a table (or one JSON object). Targets are shown,
+    not enforced: the exit code is 0 whenever every workload could be measured."""
+    tune_gc()  # the dispatcher runs in this process: set up as `swarm start-dispatcher` does
+    report = asyncio.run(run_bench(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
 def print_table(report: dict[str, Any]) -> None:
     from rich import box
     from rich.table import Table
 
-    from .console import console
+    from ..console import console
 
     out, c = console(), report["config"]
     table = Table(box=box.SIMPLE if out.is_terminal else box.ASCII2, title=(
@@ -545,62 +527,3 @@ def print_table(report: dict[str, Any]) -> None:
     out.print("Peers (same machine, 2 workers; W1/W2/W3 tasks/s, W4, CPU per task): " + "; ".join(
         f"{name} {w1:,}/{w2:,}/{w3:,}, {w4} ms, {cpu} ms" for name, (w1, w2, w3, w4, cpu)
         in PEERS.items()))
-
-
-def _only(text: str) -> list[str]:
-    names = [w.strip().upper() for w in text.split(",") if w.strip()]
-    bad = [w for w in names if w not in WORKLOADS] or ([] if names else [text])
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown workload {bad[0]!r}; choose from "
-                                         f"{','.join(WORKLOADS)}")
-    return names
-
-
-def _positive(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return int(text)
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `swarm bench`, for its sub-parser."""
-    parser.add_argument("--workers", type=_positive, default=2,
-                        help="worker processes (default 2)")
-    parser.add_argument("--slots", type=_positive, default=DEFAULT_SLOTS,
-                        help=f"slots per worker (default {DEFAULT_SLOTS}, the best W1 "
-                             "throughput measured)")
-    parser.add_argument("--runs", type=_positive, default=3,
-                        help="measured runs per workload, after a warm-up (default 3)")
-    parser.add_argument("--scale", choices=sorted(SIZES), default="full",
-                        help="full: the sizes of the issue (~6 min); small: a smoke run")
-    parser.add_argument("--only", type=_only, default=list(WORKLOADS),
-                        help="comma-separated workloads (default W1,W2,W3,W4,W5)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--db", help="state database file (default: a temporary one)")
-
-
-def main_bench(args: argparse.Namespace) -> int:
-    """`swarm bench`: measure, then print a table (or one JSON object). Targets are shown,
-    not enforced: the exit code is 0 whenever every workload could be measured."""
-    tune_gc()  # the dispatcher runs in this process: set up as `swarm start-dispatcher` does
-    report = asyncio.run(run_bench(args))
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m swarm.bench`, until the CLI carries `swarm bench`."""
-    parser = argparse.ArgumentParser(prog="swarm bench")
-    add_bench_arguments(parser)
-    try:
-        return main_bench(parser.parse_args(argv))
-    except SwarmError as e:
-        print(f"swarm bench: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
