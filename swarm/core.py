@@ -29,10 +29,12 @@ from .events import (  # the core's vocabulary, re-exported
     Command,
     Event,
     Journal,
+    KeepAck,
     NodeConnected,
     NodeDisconnected,
     NodeDraining,
     NodeHeartbeat,
+    ProgressReceived,
     ResultsReceived,
     RollbackRequested,
     RunCancelled,
@@ -45,7 +47,16 @@ from .events import (  # the core's vocabulary, re-exported
 )
 from .model import DEFAULT_RETRIES, RetryPolicy, Symbol, Workflow
 from .placement import Placement
-from .protocol import TaskAssignment, TaskResult
+from .progress import (
+    DEFAULT_MAX_CHECKPOINT_SIZE,
+    HUNG,
+    OPTED_OUT,
+    RUN_DEADLINE,
+    STALE,
+    checkpoint_size,
+    too_big,
+)
+from .protocol import CheckpointKept, TaskAssignment, TaskResult
 from .tasks import (
     RUN_FINAL,
     TASK_TRANSITIONS,
@@ -76,6 +87,7 @@ class SchedulerConfig:
     # Ticks further apart than this while nodes are connected mean the dispatcher itself
     # stalled (it ticks about every second): nobody's silence is judged across a stall.
     stall_after: float = 3.0
+    max_checkpoint_size: int = DEFAULT_MAX_CHECKPOINT_SIZE  # bytes of JSON; <= 0: no limit
 
 
 # --- internal state -------------------------------------------------------------------
@@ -137,6 +149,10 @@ class Scheduler:
         # After a restart, workers get `orphan_grace` to reconnect before anything is
         # declared waiting for one: their absence then is the dispatcher's doing.
         self._settle_at: float | None = None
+        # Running attempts of symbols with a `heartbeat_timeout`: (due, seq, task, token),
+        # pushed again lazily when a report came in meanwhile. Runs with a `deadline`.
+        self._hang_timers: list[tuple[float, int, Task, int]] = []
+        self._deadlines: list[tuple[float, int, Run]] = []
 
     # --- public -----------------------------------------------------------------------
 
@@ -173,6 +189,8 @@ class Scheduler:
                 self._on_pause(event)
             case RunCancelled():
                 self._on_cancel(event)
+            case ProgressReceived():
+                self._on_progress(event)
             case _:
                 raise IllegalTransition(f"unknown event {event!r}")
         if type(event) is NodeHeartbeat and not self._out:
@@ -201,6 +219,16 @@ class Scheduler:
             times.append(waits[0][0])
         if self._settle_at is not None:
             times.append(self._settle_at)
+        hangs = self._hang_timers
+        while hangs and (hangs[0][2].token != hangs[0][3]
+                         or hangs[0][2].state is not TaskState.RUNNING):
+            heapq.heappop(hangs)  # that attempt ended: its timer is void
+        if hangs:
+            times.append(hangs[0][0])
+        while self._deadlines and self._deadlines[0][2].state in RUN_FINAL:
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
         return min(times) if times else None
 
     def _new_token(self) -> int:
@@ -372,6 +400,8 @@ class Scheduler:
             raise Refused(f"run {run_id} is already known")
         run = Run(run_id, wf, next(self._run_seq), now)
         self._runs[run.id] = run
+        if run.deadline_at is not None:
+            heapq.heappush(self._deadlines, (run.deadline_at, next(self._seq), run))
         analysis = planning.analyze(wf, durations or None)
         for index, sym in enumerate(wf.symbols):
             task = Task(run, sym.name, "main", sym)
@@ -452,6 +482,7 @@ class Scheduler:
         task.attempts, task.losses, task.token = rec.attempts, rec.losses, rec.token
         task.owner = rec.node_id
         task.first_start = rec.first_start
+        task.checkpoint = rec.checkpoint
         if state is TaskState.RUNNING:  # its worker may still report: hold it a while
             self._force(task, TaskState.RETRYING)
             self._place.claim(task)  # and its locks: it may still be running out there
@@ -573,6 +604,7 @@ class Scheduler:
                 node.order[token] = 0  # it named the attempt itself: no assignment to await
                 self._journal("symbol.adopted", ev.now, task.run, task, node=node.name,
                               attempt=task.attempts, data={"node_id": node.id, "token": token})
+                self._watch_hang(task, ev.now)
             else:
                 abandon.append(token)
         if abandon:
@@ -660,6 +692,10 @@ class Scheduler:
             if task.state is TaskState.RETRYING:
                 self._set(task, TaskState.READY)
                 self._push_ready(task, now, reason="retry")
+        while self._hang_timers and self._hang_timers[0][0] <= now:
+            self._check_hang(*heapq.heappop(self._hang_timers)[2:], now)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            self._run_deadline(heapq.heappop(self._deadlines)[2], now)
         if self._settle_at is not None and now >= self._settle_at:
             self._settle_at = None
             self._recheck(now, None)
@@ -945,6 +981,111 @@ class Scheduler:
             "status": status.value, "run_status": run.state.value, "counts": counts,
             "duration": now - run.undo_started})
 
+    # --- long-running symbols: checkpoints, progress, hangs, run deadlines ------------
+
+    def _on_progress(self, ev: ProgressReceived) -> None:
+        """Reports of running attempts. A checkpoint is kept (and journaled) only from the
+        attempt that holds the task's current token, like a result; the worker hears of
+        its fate (`KeepAck`) only after that is committed."""
+        node = self._nodes.get(ev.node_id)
+        if node is not None:
+            node.last_seen = ev.now
+        acks = []
+        for r in ev.reports:
+            task = self._by_token.get(r.token)
+            wants_ack = r.checkpoint is not None or r.oversize > 0
+            if (task is None or task.token != r.token or task.owner != ev.node_id
+                    or task.state in TERMINAL):
+                if wants_ack:  # fenced off: a late report of an attempt that was replaced
+                    self._journal("symbol.checkpoint_dropped", ev.now,
+                                  task.run if task else None, task,
+                                  node=node.name if node else None,
+                                  data={"token": r.token, "reason": STALE})
+                    acks.append(CheckpointKept(r.token, r.seq, STALE))
+                continue
+            task.heard_at = ev.now
+            info: dict[str, Any] = {"token": r.token}
+            if r.progress is not None:
+                info["progress"] = r.progress
+            if r.message:
+                info["message"] = r.message
+            if not wants_ack:
+                self._journal("symbol.progress", ev.now, task.run, task,
+                              node=node.name if node else None, attempt=task.attempts,
+                              data=info)
+                continue
+            size = r.oversize or checkpoint_size(r.checkpoint)
+            error = (OPTED_OUT if not getattr(task.spec, "checkpoint", True)
+                     else too_big(size, self.config.max_checkpoint_size))
+            if error:
+                self._journal("symbol.checkpoint_rejected", ev.now, task.run, task,
+                              node=node.name if node else None, attempt=task.attempts,
+                              data={**info, "size": size, "error": error})
+            else:
+                task.checkpoint = r.checkpoint
+                self._journal("symbol.checkpointed", ev.now, task.run, task,
+                              node=node.name if node else None, attempt=task.attempts,
+                              data={**info, "size": size, "checkpoint": r.checkpoint})
+            acks.append(CheckpointKept(r.token, r.seq, error))
+        if acks:
+            self._out.append(KeepAck(ev.node_id, tuple(acks)))
+
+    def _watch_hang(self, task: Task, now: float) -> None:
+        """A running attempt of a symbol with a `heartbeat_timeout` starts being watched."""
+        task.heard_at = now
+        limit = getattr(task.spec, "heartbeat_timeout", None)
+        if limit is not None:
+            heapq.heappush(self._hang_timers,
+                           (now + limit / 1000, next(self._seq), task, task.token))
+
+    def _check_hang(self, task: Task, token: int, now: float) -> None:
+        """A hang timer is due: the attempt is hung unless it reported meanwhile. A hung
+        attempt is abandoned (its worker terminates the backend's process group) and
+        judged like a timeout: retried while retries remain."""
+        if task.state is not TaskState.RUNNING or task.token != token or task.node is None:
+            return
+        limit = getattr(task.spec, "heartbeat_timeout", None) or 0
+        due = task.heard_at + limit / 1000
+        if due > now:
+            heapq.heappush(self._hang_timers, (due, next(self._seq), task, token))
+            return
+        node = task.node
+        self._place.vacate(node, token, node.id in self._nodes)
+        task.node = None
+        self._out.append(Abandon(node.id, (token,)))
+        self._finish_attempt(task, TaskResult(token=token, task_id=task.id, ok=False,
+                                              error=HUNG.format(ms=limit), timed_out=True),
+                             node.name, now)
+
+    def _run_deadline(self, run: Run, now: float) -> None:
+        """The run's `deadline` passed: running symbols are stopped and fail, nothing new
+        starts, and the run's `on_failure` applies (rollbacks still run: they restore)."""
+        if run.state is not RunState.RUNNING or all(
+                t.state in TERMINAL for t in run.tasks.values()):
+            return  # it ended, rolls back already, or fired before a restart
+        self._journal("run.deadline_exceeded", now, run, data={
+            "deadline": run.workflow.deadline, "reason": RUN_DEADLINE})
+        run.failed = True
+        run.paused = False
+        run.parked.clear()
+        if not run.halted:
+            run.halted = True
+            self._journal("run.halting", now, run, data={
+                "cause": RUN_DEADLINE, "policy": run.workflow.on_failure})
+        self._skip([t for t in run.tasks.values()
+                    if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING)],
+                   now, RUN_DEADLINE)
+        for task in [t for t in run.tasks.values() if t.state is TaskState.RUNNING]:
+            node = task.node
+            assert node is not None
+            self._place.vacate(node, task.token, node.id in self._nodes)
+            task.node = None
+            self._out.append(Abandon(node.id, (task.token,)))
+            self._finish_attempt(task, TaskResult(token=task.token, task_id=task.id, ok=False,
+                                                  error=RUN_DEADLINE, retryable=False),
+                                 node.name, now)
+        self._check_run(run, now)
+
     # --- placement --------------------------------------------------------------------
 
     def _dispatch(self, now: float) -> None:
@@ -973,10 +1114,12 @@ class Scheduler:
             timeout = max(1, min(timeout, int(deadline - (now - task.first_start) * 1000)))
         self._journal("symbol.started", now, task.run, task, node=node.name,
                       attempt=task.attempts, data={"token": task.token, "node_id": node.id})
+        self._watch_hang(task, now)
         self._assign.setdefault(node.id, []).append(TaskAssignment(
             task_id=task.id, run_id=task.run.id, symbol=task.name, type=spec.type,
             context=spec.context, dispatch=spec.dispatch, parameters=spec.parameters,
-            attempt=task.attempts, token=task.token, timeout=timeout, secrets=spec.secrets))
+            attempt=task.attempts, token=task.token, timeout=timeout, secrets=spec.secrets,
+            checkpoint=task.checkpoint if getattr(spec, "checkpoint", True) else None))
 
     # --- waiting for a worker that can run a symbol -----------------------------------
 
@@ -1112,6 +1255,7 @@ class Scheduler:
         if state in TERMINAL and task.state not in TERMINAL:
             task.run.unfinished -= 1
             self._by_token.pop(task.token, None)
+            task.checkpoint = None  # no attempt will resume from it
         counts = task.run.counts
         counts[task.state] -= 1
         counts[state] += 1
@@ -1136,10 +1280,12 @@ __all__ = [
     "IllegalTransition",
     "Refused",
     "Journal",
+    "KeepAck",
     "NodeConnected",
     "NodeDisconnected",
     "NodeDraining",
     "NodeHeartbeat",
+    "ProgressReceived",
     "RUN_FINAL",
     "ResultsReceived",
     "RollbackRequested",

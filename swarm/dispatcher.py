@@ -91,6 +91,7 @@ def scheduler_config(cfg: Config) -> c.SchedulerConfig:
         # A worker that outlived the last dispatcher reconnects within its backoff; its
         # running attempts wait this long for it before they run again elsewhere.
         orphan_grace=co.heartbeat_timeout / 1000.0,
+        max_checkpoint_size=co.max_checkpoint_size,
     )
 
 
@@ -405,6 +406,8 @@ class Dispatcher:
                 self._sends.append((peer, p.Ack(cmd.tokens)))
             elif isinstance(cmd, c.Abandon):
                 self._sends.append((peer, p.Abandon(cmd.tokens)))
+            elif isinstance(cmd, c.KeepAck):
+                self._sends.append((peer, p.Kept(cmd.items)))
             elif isinstance(cmd, c.CloseNode):
                 log.warning("node %s: %s; closing its connection", peer.name, cmd.reason)
                 self._sends.append((peer, None))
@@ -703,7 +706,8 @@ class Dispatcher:
                      max_frame=hello.max_size or self.config.dispatcher.max_frame_size)
         self._workers[node_id] = peer
         peer.send(p.Welcome(node_id=node_id, version=__version__, node_secret=secret,
-                            heartbeat_interval=self.config.coordinator.heartbeat_interval))
+                            heartbeat_interval=self.config.coordinator.heartbeat_interval,
+                            max_checkpoint_size=self.config.coordinator.max_checkpoint_size))
         log.info("worker %s joined: %s, %d slots", hello.name,
                  ", ".join(hello.capabilities) or "no backends", hello.slots)
         self._feed(c.NodeConnected(node_id, hello.name, hello.capabilities, hello.slots,
@@ -715,6 +719,8 @@ class Dispatcher:
                     break  # replaced by a newer connection of the same node
                 if isinstance(msg, p.Results):
                     self._feed(c.ResultsReceived(node_id, msg.items, now))
+                elif isinstance(msg, p.Progress):
+                    self._feed(c.ProgressReceived(node_id, msg.items, now))
                 elif isinstance(msg, p.Heartbeat):
                     self._feed(c.NodeHeartbeat(node_id, now, msg.running, msg.assigned))
                 elif isinstance(msg, p.Draining):

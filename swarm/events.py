@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .model import Workflow
-from .protocol import TaskAssignment, TaskResult
+from .protocol import CheckpointKept, ProgressReport, TaskAssignment, TaskResult
 
 # --- events (in) ----------------------------------------------------------------------
 
@@ -76,6 +76,7 @@ class TaskRecord:
     parent: str | None = None  # rollback: the symbol it undoes
     after: tuple[str, ...] = ()  # rollback: symbols whose rollbacks come first
     node_id: str = ""  # the node that holds (or held) the attempt `token`
+    checkpoint: Any = None  # the last committed checkpoint (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,15 @@ class ResultsReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ProgressReceived:
+    """Progress reports and checkpoints from a worker's running attempts."""
+
+    node_id: str
+    reports: tuple[ProgressReport, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     now: float
     stalled: float = 0.0  # seconds the shell itself was late (a stall): no node is to blame
@@ -132,12 +142,14 @@ class Tick:
 
 Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted
          | ResultsReceived | Tick | RunRestored | RollbackRequested | RunPaused | RunResumed
-         | RunCancelled)
+         | RunCancelled | ProgressReceived)
 
 # --- commands (out) -------------------------------------------------------------------
 
 
-BULKY = frozenset({"manifest", "stderr"})
+# A checkpoint's data lives in its task's row (the latest only): the journal and the event
+# stream say that and when one was kept, not the up to 256 KiB of each.
+BULKY = frozenset({"manifest", "stderr", "checkpoint"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +193,17 @@ class Abandon:
 
 
 @dataclass(frozen=True, slots=True)
+class KeepAck:
+    """Tell a worker which checkpoints were kept (or why not): sent after the commit."""
+
+    node_id: str
+    items: tuple[CheckpointKept, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CloseNode:
     node_id: str
     reason: str
 
 
-Command = Journal | Assign | Ack | Abandon | CloseNode
+Command = Journal | Assign | Ack | Abandon | CloseNode | KeepAck

@@ -69,7 +69,7 @@ class Task:
     __slots__ = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                  "dependents", "deps", "node", "token", "due", "first_start", "key",
                  "parent", "orphan", "resources", "requires", "level", "holding", "owner",
-                 "blocked", "wait_due")
+                 "blocked", "wait_due", "checkpoint", "heard_at")
 
     def __init__(self, run: Run, name: str, kind: str, spec: Symbol | RollbackSpec,
                  parent: Task | None = None) -> None:
@@ -103,6 +103,8 @@ class Task:
         # Why no connected worker can run it ("" while some can): one waiting episode.
         self.blocked = ""
         self.wait_due: float | None = None  # when its `wait_for_worker` runs out
+        self.checkpoint: Any = None  # the last committed checkpoint, for its next attempt
+        self.heard_at = 0.0  # its running attempt's start or latest report (hang detection)
 
     @property
     def dispatch(self) -> str:
@@ -117,7 +119,7 @@ class Run:
     __slots__ = ("id", "workflow", "seq", "state", "tasks", "rollbacks", "unfinished",
                  "failed", "halted", "rollback_failed", "rollback_phase", "started", "hash",
                  "paused", "parked", "cancelled", "waves", "wave", "by_level", "undo",
-                 "undo_started", "counts")
+                 "undo_started", "counts", "deadline_at")
 
     def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
         self.id = run_id
@@ -146,6 +148,9 @@ class Run:
         # ended with (kept, never rewritten) and when the phase began.
         self.undo: RunState | None = None
         self.undo_started = 0.0
+        # When the run's `deadline` passes: from its start, so a restart keeps it.
+        self.deadline_at = (now + workflow.deadline / 1000
+                            if workflow.deadline is not None else None)
 
 
 class Node:
