@@ -214,6 +214,7 @@ def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> 
                   + (f" (symbol {e['symbol']})" if e["symbol"] else "")
                   + ("" if e["recoverable"] else "; not recoverable"))
     print_not_completed(out, rep.get("symbols", []))
+    print_long_running(out, rep.get("symbols", []))
     t = Table(box=_box(out), title="metrics", show_header=False)
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -253,6 +254,28 @@ def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> 
         out.print(f"({len(events) - timeline_rows} more events: --json shows all)")
 
 
+def progress_text(fraction: float | None, message: str | None) -> str:
+    """`40% step 4 of 10`: a progress report as a person reads it."""
+    pct = f"{fraction:.0%}" if isinstance(fraction, (int, float)) else ""
+    return " ".join(x for x in (pct, message or "") if x)
+
+
+def print_long_running(out: Console, symbols: list[dict[str, Any]]) -> None:
+    """The symbols that checkpointed or reported progress: their last word."""
+    rows = [s for s in symbols if "progress" in s or "checkpoint_at" in s]
+    if not rows:
+        return
+    t = Table(box=_box(out), title="checkpoints and progress")
+    for col in ("symbol", "state", "last checkpoint", "progress"):
+        t.add_column(col)
+    for s in rows:
+        at = s.get("checkpoint_at")
+        t.add_row(s["name"], _styled(s["state"]),
+                  time.strftime("%H:%M:%S", time.localtime(at)) if at else "-",
+                  escape(progress_text(s.get("progress"), s.get("message"))) or "-")
+    out.print(t)
+
+
 def print_not_completed(out: Console, symbols: list[dict[str, Any]], tail_lines: int = 10
                         ) -> None:
     """Each symbol that did not complete: why (error, exit code or signal), the end of its
@@ -284,7 +307,8 @@ def print_not_completed(out: Console, symbols: list[dict[str, Any]], tail_lines:
 # Events worth a line while following a run; the rest show in the final table.
 _LINE_EVENTS = {"symbol.failed", "symbol.retrying", "symbol.skipped", "symbol.rolled_back",
                 "rollback.created", "run.halting", "run.rolling_back", "node.lost",
-                "symbol.waiting", "run.rollback_requested", "rollback.completed"}
+                "symbol.waiting", "run.rollback_requested", "rollback.completed",
+                "symbol.checkpoint_rejected", "run.deadline_exceeded"}
 
 
 def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | None:
@@ -299,6 +323,10 @@ def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | 
         detail = f"{detail}; fails in {ev.data['wait_for_worker'] / 1000:.2f} s (wait_for_worker)"
     elif ev.kind == "rollback.completed":
         detail = f"rollback {ev.data.get('status')}; the run stays {ev.data.get('run_status')}"
+    elif ev.kind in ("symbol.progress", "symbol.checkpointed"):
+        detail = progress_text(ev.data.get("progress"), ev.data.get("message"))
+        if ev.kind == "symbol.checkpointed":
+            detail = f"checkpoint of {ev.data.get('size', 0):,} bytes kept; {detail}".rstrip("; ")
     if every and ev.node and ev.symbol:
         who = f"{ev.symbol} on {ev.node}"
     run = f"{ev.run_id} " if with_run and ev.run_id else ""
@@ -308,7 +336,8 @@ def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | 
 # --- following a run live ---------------------------------------------------------------
 
 _ALERTS = {"symbol.failed", "symbol.retrying", "node.lost", "run.halting", "run.paused",
-           "run.resumed", "run.cancelling", "symbol.waiting"}
+           "run.resumed", "run.cancelling", "symbol.waiting", "symbol.checkpoint_rejected",
+           "run.deadline_exceeded"}
 
 
 class Follower:
@@ -342,16 +371,18 @@ class Follower:
 
     def __rich__(self) -> Group:
         pr = self.progress
-        self._bar_view.update(self._bar, completed=pr.completed, rate=f"{pr.rate:.1f}/s")
+        self._bar_view.update(self._bar, completed=pr.done_fraction, rate=f"{pr.rate:.1f}/s")
         parts: list[Any] = [self._bar_view]
         if pr.running:
             t = Table(box=box.SIMPLE, show_header=True, header_style="dim")
-            for col in ("running", "node", "elapsed"):
+            for col in ("running", "node", "elapsed", "progress"):
                 t.add_column(col)
             now = time.time()
-            shown = sorted(pr.running.values(), key=lambda v: v[2])[:15]
-            for symbol, node, since in shown:
-                t.add_row(symbol, node, _fmt_duration(now - since))
+            shown = sorted(pr.running.items(), key=lambda kv: kv[1][2])[:15]
+            for tid, (symbol, node, since) in shown:
+                said = pr.said.get(tid)
+                t.add_row(symbol, node, _fmt_duration(now - since),
+                          escape(progress_text(*said)) if said else "")
             if len(pr.running) > 15:
                 t.add_row(f"... {len(pr.running) - 15} more", "", "")
             parts.append(t)

@@ -3,10 +3,10 @@
 A handler is `fn(parameters, ctx) -> JSON-able value`, sync or async (or `fn(parameters)`).
 `ctx` is a `Context`: the invocation's fields (`ctx.attempt`, `ctx.run_id`, ...) and the
 means of a long-running symbol: `ctx.checkpoint(data)`, `ctx.resumed_from`,
-`ctx.progress(fraction, message)`. It is chosen
-by `parameters["handler"]`, else by the symbol name. Built-ins: `noop`, `echo`, `delay`,
-`fail`. More come from `register()` / `@handler(...)` or from the `swarm.handlers` entry
-point group (`load_entry_points()`).
+`ctx.progress(fraction, message)`. It is chosen by `parameters["handler"]`, else by the
+symbol name. Built-ins: `noop`, `echo`, `delay`, `fail`, `steps` (a long-running drill that
+checkpoints). More come from `register()` / `@handler(...)` or from the `swarm.handlers`
+entry point group (`load_entry_points()`).
 
 Sync handlers run in a thread so they cannot stall the worker's event loop. A thread
 cannot be killed: on timeout the attempt is reported timed out at once, but a sync
@@ -259,17 +259,17 @@ def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]
 
 
 @handler("noop")
-async def _noop(parameters: dict[str, Any], inv: Invocation) -> None:
+async def _noop(parameters: dict[str, Any], inv: Context) -> None:
     return None
 
 
 @handler("echo")
-async def _echo(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+async def _echo(parameters: dict[str, Any], inv: Context) -> dict[str, Any]:
     return {k: v for k, v in parameters.items() if k != "handler"}
 
 
 @handler("delay")
-async def _delay(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+async def _delay(parameters: dict[str, Any], inv: Context) -> dict[str, Any]:
     ms = parameters.get("ms", 0)
     if isinstance(ms, bool) or not isinstance(ms, int | float) or ms < 0:
         message = f"delay: 'ms' must be a non-negative number, got {ms!r}"
@@ -279,7 +279,7 @@ async def _delay(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
 
 
 @handler("fail")
-async def _fail(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+async def _fail(parameters: dict[str, Any], inv: Context) -> dict[str, Any]:
     succeed_on = parameters.get("succeed_on_attempt")
     if isinstance(succeed_on, int) and not isinstance(succeed_on, bool) and (
         inv.attempt >= succeed_on
@@ -287,3 +287,23 @@ async def _fail(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
         return {"attempt": inv.attempt}
     message = parameters.get("message", "failed on purpose")
     raise HandlerFailure(str(message), retryable=bool(parameters.get("retryable", True)))
+
+
+@handler("steps")
+async def _steps(parameters: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """A drill for long-running symbols: `steps` steps of `ms` each, with progress and a
+    checkpoint after every step; an attempt resumes after the last checkpointed step."""
+    steps, ms = parameters.get("steps", 10), parameters.get("ms", 100)
+    for name, value in (("steps", steps), ("ms", ms)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise HandlerFailure(f"steps: {name!r} must be a non-negative integer, got "
+                                 f"{value!r}", retryable=False)
+    resumed = ctx.resumed_from
+    start = resumed.get("step", 0) if isinstance(resumed, dict) else 0
+    ran = []
+    for step in range(start + 1, steps + 1):
+        await asyncio.sleep(ms / 1000)
+        ran.append(step)
+        ctx.progress(step / steps, f"step {step} of {steps}")
+        await ctx.checkpoint({"step": step})
+    return {"steps": steps, "resumed_from": start, "ran": ran}
