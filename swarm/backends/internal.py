@@ -292,18 +292,24 @@ async def _fail(parameters: dict[str, Any], inv: Context) -> dict[str, Any]:
 @handler("steps")
 async def _steps(parameters: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """A drill for long-running symbols: `steps` steps of `ms` each, with progress and a
-    checkpoint after every step; an attempt resumes after the last checkpointed step."""
+    checkpoint after every step; an attempt resumes after the last checkpointed step.
+    `pad` bytes of filler in the checkpoints of steps `pad_from` (1) on: big checkpoints."""
     steps, ms = parameters.get("steps", 10), parameters.get("ms", 100)
-    for name, value in (("steps", steps), ("ms", ms)):
+    pad, pad_from = parameters.get("pad", 0), parameters.get("pad_from", 1)
+    for name, value in (("steps", steps), ("ms", ms), ("pad", pad), ("pad_from", pad_from)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise HandlerFailure(f"steps: {name!r} must be a non-negative integer, got "
                                  f"{value!r}", retryable=False)
     resumed = ctx.resumed_from
     start = resumed.get("step", 0) if isinstance(resumed, dict) else 0
-    ran = []
+    ran, refused = [], []
     for step in range(start + 1, steps + 1):
         await asyncio.sleep(ms / 1000)
         ran.append(step)
         ctx.progress(step / steps, f"step {step} of {steps}")
-        await ctx.checkpoint({"step": step})
-    return {"steps": steps, "resumed_from": start, "ran": ran}
+        data: dict[str, Any] = {"step": step}
+        if pad and step >= pad_from:
+            data["pad"] = "x" * pad
+        if not await ctx.checkpoint(data):
+            refused.append(step)
+    return {"steps": steps, "resumed_from": start, "ran": ran, "refused": refused}

@@ -189,7 +189,7 @@ class _Capture(asyncio.SubprocessProtocol):
         mode, self.mode = self.mode, ""
         if mode == "text":
             self._keep(1, line)
-        elif mode == "long":
+        elif mode == "long" or (len(line) > self.line_limit and line.startswith(LINE_PREFIX)):
             size, self.skipped = self.skipped + len(line), 0
             self._report(Report(oversize=size))
         else:
