@@ -13,6 +13,7 @@ running attempts, on their way to the dispatcher.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -53,7 +54,8 @@ class Reports:
     def __init__(self, send: Callable[[p.Message], None]) -> None:
         self._send = send
         self.max_checkpoint_size = 0  # from the dispatcher's welcome; 0: no limit
-        self._attempts: dict[int, _Attempt] = {}
+        self._live: set[int] = set()  # attempts running now
+        self._attempts: dict[int, _Attempt] = {}  # those of them that reported
         self._finished: dict[int, _Attempt] = {}  # ended, with checkpoints in flight
         self._unkept: dict[int, p.ProgressReport] = {}  # token -> latest unacknowledged
         self._outbox: list[p.ProgressReport] = []
@@ -62,12 +64,18 @@ class Reports:
 
     def sink(self, token: int, task_id: str, symbol: str
              ) -> Callable[[Report], asyncio.Future[bool] | None]:
-        attempt = self._attempts[token] = _Attempt(token, task_id, symbol)
-        return lambda report: self._report(attempt, report)
+        # Nothing is made per attempt until it reports: most symbols never do, and W1
+        # runs thousands of them a second.
+        self._live.add(token)
+        return functools.partial(self._report, token, task_id, symbol)
 
-    def _report(self, a: _Attempt, r: Report) -> asyncio.Future[bool] | None:
-        if self._attempts.get(a.token) is not a:
+    def _report(self, token: int, task_id: str, symbol: str, r: Report
+                ) -> asyncio.Future[bool] | None:
+        if token not in self._live:
             return None  # the attempt ended: whatever it still says is stale
+        a = self._attempts.get(token)
+        if a is None:
+            a = self._attempts[token] = _Attempt(token, task_id, symbol)
         if r.progress is not None:
             a.progress = r.progress
         if r.message:
@@ -104,7 +112,7 @@ class Reports:
         """Send the attempt's held progress report (its turn came)."""
         a.timer = None
         r, a.held = a.held, None
-        if r is None or self._attempts.get(a.token) is not a:
+        if r is None or a.token not in self._live:
             return
         a.sent_at = asyncio.get_running_loop().time()
         self._queue(p.ProgressReport(a.token, a.task_id, 0, progress=r.progress,
@@ -142,6 +150,7 @@ class Reports:
     def finish(self, token: int, cancelled: bool = False) -> list[str]:
         """The attempt ended: its held progress goes out now (unless it was cancelled);
         the errors for its stderr. Its checkpoints in flight are still acknowledged."""
+        self._live.discard(token)
         a = self._attempts.pop(token, None)
         if a is None:
             return []
