@@ -7,7 +7,9 @@ an unvalidated value. `encode()` is the inverse. No pickle, no ext types.
 Handshake: the dispatcher sends `Challenge` (a nonce) on connect; the peer's first
 frame must be `Hello` carrying HMAC-SHA256(token, nonce) when a token is configured;
 the dispatcher answers `Welcome`. Then workers exchange Assign/Results/Ack/Heartbeat/
-Abandon/Draining, and clients send `Request` and receive `Reply` and `Event`.
+Abandon/Draining and Progress/Kept (checkpoints and progress of running attempts; `Kept`
+answers a checkpoint once it is committed), and clients send `Request` and receive
+`Reply` and `Event`.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ from .progress import Report, checkpoint_size, too_big
 
 log = logging.getLogger("swarm.worker")
 
-PROGRESS_EVERY = 0.5  # seconds between two progress-only reports of one attempt
+# Seconds between two progress-only reports of one attempt: each one is a journal row,
+# and a symbol of 50 hours should not leave hundreds of thousands of them.
+PROGRESS_EVERY = 1.0
 FRAME_BUDGET = 512 * 1024  # bytes of reports per frame
 # Checkpoints bigger than this are refused here even without a limit: the frame carrying
 # one must stay under the dispatcher's frame limit (1 MiB by default).
