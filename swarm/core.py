@@ -50,10 +50,12 @@ from .placement import Placement
 from .progress import (
     DEFAULT_MAX_CHECKPOINT_SIZE,
     HUNG,
+    MAX_MESSAGE,
     OPTED_OUT,
     RUN_DEADLINE,
     STALE,
     checkpoint_size,
+    fraction,
     too_big,
 )
 from .protocol import CheckpointKept, TaskAssignment, TaskResult
@@ -1005,10 +1007,11 @@ class Scheduler:
                 continue
             task.heard_at = ev.now
             info: dict[str, Any] = {"token": r.token}
-            if r.progress is not None:
-                info["progress"] = r.progress
+            progress = fraction(r.progress)  # a peer's NaN or 7.5 becomes sense
+            if progress is not None:
+                info["progress"] = progress
             if r.message:
-                info["message"] = r.message
+                info["message"] = r.message[:MAX_MESSAGE]
             if not wants_ack:
                 self._journal("symbol.progress", ev.now, task.run, task,
                               node=node.name if node else None, attempt=task.attempts,

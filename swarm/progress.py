@@ -18,6 +18,7 @@ LINE_PREFIX = b"::swarm::"  # a stdout line starting so is a report, not output
 # oversized checkpoint), so that a backend cannot make the worker hold unbounded lines.
 MAX_LINE_SLACK = 64 * 1024
 
+MAX_MESSAGE = 500  # characters of a progress message kept: a line for people, not a log
 HUNG = "no progress for {ms} ms"
 RUN_DEADLINE = "run deadline exceeded"
 STALE = "stale or unknown attempt"
