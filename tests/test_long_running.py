@@ -440,3 +440,25 @@ def test_a_one_argument_handler_and_a_sync_handler_with_context_work() -> None:
     a, b = asyncio.run(main())
     assert a == {"kept": True, "resumed_from": {"at": 1}} and b == {"got": 7}
 
+
+
+def test_a_worker_that_outlives_the_dispatcher_resends_its_checkpoint_and_carries_on(
+        cluster: Cluster, tmp_path: Path) -> None:
+    port = free_port()
+    cluster.start_dispatcher(port=port)
+    cluster.start_worker("w1", slots=1)
+    run_id = cluster.detach(steps_manifest(tmp_path, "internal"))
+    wait_for(lambda: step_of(cluster, run_id) >= 3, timeout=30, what="step 3's checkpoint")
+    cluster.kill("dispatcher")
+    cluster.procs["dispatcher"].wait(10)
+    cluster.start_dispatcher(port=port)  # the handler waits for its checkpoint meanwhile
+    wait_for(lambda: cluster.run_status(run_id) == "completed", timeout=40, what="the run")
+    assert output_of(cluster, run_id)["ran"] == list(range(1, 11))  # one attempt, adopted
+    assert cluster.tasks(run_id)["s"]["attempts"] == 1
+    steps = [json.loads(r["data"])["message"] for r in cluster.query(
+        "SELECT data FROM events WHERE kind = 'symbol.checkpointed' ORDER BY seq")]
+    # A checkpoint committed just before the crash may be committed again when the worker
+    # sends it anew (it never heard it was kept): at least once, in order.
+    assert sorted(set(steps), key=lambda m: int(m.split()[1])) == [
+        f"step {i} of 10" for i in range(1, 11)]
+    assert cluster.query("SELECT 1 FROM events WHERE kind = 'symbol.adopted'")

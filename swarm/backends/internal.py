@@ -29,7 +29,8 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..progress import Report, fraction
+from ..progress import Report
+from ..progress import fraction as as_fraction
 from .process import Invocation, Outcome
 
 log = logging.getLogger("swarm.backends.internal")
@@ -89,8 +90,8 @@ class Context:
         self._loop.call_soon_threadsafe(send)
         return done.result()  # a sync handler goes on once its checkpoint is committed
 
-    def progress(self, fraction_done: float, message: str = "") -> None:
-        report = Report(progress=fraction(fraction_done), message=str(message))
+    def progress(self, fraction: float, message: str = "") -> None:
+        report = Report(progress=as_fraction(fraction), message=str(message))
         if self.invocation.reports is None:
             return
         if threading.get_ident() == self._thread:
