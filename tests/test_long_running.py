@@ -19,6 +19,8 @@ from test_core import Harness, sym, wf
 
 from swarm import core as c
 from swarm.backends.process import run_process
+from swarm.errors import ManifestError
+from swarm.manifest import workflow_from_dict
 from swarm.model import Workflow
 from swarm.progress import Report, parse_line
 from swarm.protocol import ProgressReport
@@ -123,6 +125,26 @@ def test_a_run_deadline_stops_running_symbols_and_on_failure_applies() -> None:
     (failed,) = [j for j in h.journal if j.kind == "symbol.failed"]
     assert failed.data["error"] == "run deadline exceeded"
     assert h.names("w") == ["undo_a"]  # on_failure: rollback
+
+
+# --- the manifest ---------------------------------------------------------------------------
+
+
+def test_the_manifest_fields_of_long_running_symbols_are_checked_and_kept() -> None:
+    doc = {"name": "m", "version": "1", "deadline": 60000, "symbols": [
+        {"name": "a", "type": "action", "heartbeat_timeout": 5000, "checkpoint": False}]}
+    w = workflow_from_dict(doc)
+    assert w.deadline == 60000 and w.symbols[0].heartbeat_timeout == 5000
+    assert not w.symbols[0].checkpoint
+    assert workflow_from_dict(w.to_dict()) == w
+    plain = {"name": "m", "version": "1", "symbols": [{"name": "a", "type": "action"}]}
+    assert "deadline" not in workflow_from_dict(plain).to_dict()  # old hashes unchanged
+    bad = {"name": "m", "version": "1", "deadline": 0, "symbols": [
+        {"name": "a", "type": "action", "heartbeat_timeout": "5s", "checkpoint": "no"}]}
+    with pytest.raises(ManifestError) as info:
+        workflow_from_dict(bad)
+    text = str(info.value)
+    assert "deadline" in text and "heartbeat_timeout" in text and "checkpoint" in text
 
 
 # --- what backends say: ::swarm:: lines ---------------------------------------------------
