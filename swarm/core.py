@@ -45,20 +45,11 @@ from .events import (  # the core's vocabulary, re-exported
     TaskRecord,
     Tick,
 )
+from .longrun import LongRunning
 from .model import DEFAULT_RETRIES, RetryPolicy, Symbol, Workflow
 from .placement import Placement
-from .progress import (
-    DEFAULT_MAX_CHECKPOINT_SIZE,
-    HUNG,
-    MAX_MESSAGE,
-    OPTED_OUT,
-    RUN_DEADLINE,
-    STALE,
-    checkpoint_size,
-    fraction,
-    too_big,
-)
-from .protocol import CheckpointKept, TaskAssignment, TaskResult
+from .progress import DEFAULT_MAX_CHECKPOINT_SIZE
+from .protocol import TaskAssignment, TaskResult
 from .tasks import (
     RUN_FINAL,
     TASK_TRANSITIONS,
@@ -119,7 +110,7 @@ def backoff_delay(policy: RetryPolicy, task_id: str, failures: int) -> float:
     return max(0.0, delay) / 1000.0
 
 
-class Scheduler:
+class Scheduler(LongRunning):
     """Runs, tasks and nodes, and the rules that move them. See the module docstring."""
 
     def __init__(self, config: SchedulerConfig | None = None) -> None:
@@ -221,16 +212,7 @@ class Scheduler:
             times.append(waits[0][0])
         if self._settle_at is not None:
             times.append(self._settle_at)
-        hangs = self._hang_timers
-        while hangs and (hangs[0][2].token != hangs[0][3]
-                         or hangs[0][2].state is not TaskState.RUNNING):
-            heapq.heappop(hangs)  # that attempt ended: its timer is void
-        if hangs:
-            times.append(hangs[0][0])
-        while self._deadlines and self._deadlines[0][2].state in RUN_FINAL:
-            heapq.heappop(self._deadlines)
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
+        times.extend(self._long_running_due())
         return min(times) if times else None
 
     def _new_token(self) -> int:
@@ -694,10 +676,7 @@ class Scheduler:
             if task.state is TaskState.RETRYING:
                 self._set(task, TaskState.READY)
                 self._push_ready(task, now, reason="retry")
-        while self._hang_timers and self._hang_timers[0][0] <= now:
-            self._check_hang(*heapq.heappop(self._hang_timers)[2:], now)
-        while self._deadlines and self._deadlines[0][0] <= now:
-            self._run_deadline(heapq.heappop(self._deadlines)[2], now)
+        self._long_running_tick(now)
         if self._settle_at is not None and now >= self._settle_at:
             self._settle_at = None
             self._recheck(now, None)
@@ -982,112 +961,6 @@ class Scheduler:
         self._journal("rollback.completed", now, run, data={
             "status": status.value, "run_status": run.state.value, "counts": counts,
             "duration": now - run.undo_started})
-
-    # --- long-running symbols: checkpoints, progress, hangs, run deadlines ------------
-
-    def _on_progress(self, ev: ProgressReceived) -> None:
-        """Reports of running attempts. A checkpoint is kept (and journaled) only from the
-        attempt that holds the task's current token, like a result; the worker hears of
-        its fate (`KeepAck`) only after that is committed."""
-        node = self._nodes.get(ev.node_id)
-        if node is not None:
-            node.last_seen = ev.now
-        acks = []
-        for r in ev.reports:
-            task = self._by_token.get(r.token)
-            wants_ack = r.checkpoint is not None or r.oversize > 0
-            if (task is None or task.token != r.token or task.owner != ev.node_id
-                    or task.state in TERMINAL):
-                if wants_ack:  # fenced off: a late report of an attempt that was replaced
-                    self._journal("symbol.checkpoint_dropped", ev.now,
-                                  task.run if task else None, task,
-                                  node=node.name if node else None,
-                                  data={"token": r.token, "reason": STALE})
-                    acks.append(CheckpointKept(r.token, r.seq, STALE))
-                continue
-            task.heard_at = ev.now
-            info: dict[str, Any] = {"token": r.token}
-            progress = fraction(r.progress)  # a peer's NaN or 7.5 becomes sense
-            if progress is not None:
-                info["progress"] = progress
-            if r.message:
-                info["message"] = r.message[:MAX_MESSAGE]
-            if not wants_ack:
-                self._journal("symbol.progress", ev.now, task.run, task,
-                              node=node.name if node else None, attempt=task.attempts,
-                              data=info)
-                continue
-            size = r.oversize or checkpoint_size(r.checkpoint)
-            error = (OPTED_OUT if not getattr(task.spec, "checkpoint", True)
-                     else too_big(size, self.config.max_checkpoint_size))
-            if error:
-                self._journal("symbol.checkpoint_rejected", ev.now, task.run, task,
-                              node=node.name if node else None, attempt=task.attempts,
-                              data={**info, "size": size, "error": error})
-            else:
-                task.checkpoint = r.checkpoint
-                self._journal("symbol.checkpointed", ev.now, task.run, task,
-                              node=node.name if node else None, attempt=task.attempts,
-                              data={**info, "size": size, "checkpoint": r.checkpoint})
-            acks.append(CheckpointKept(r.token, r.seq, error))
-        if acks:
-            self._out.append(KeepAck(ev.node_id, tuple(acks)))
-
-    def _watch_hang(self, task: Task, now: float) -> None:
-        """A running attempt of a symbol with a `heartbeat_timeout` starts being watched."""
-        task.heard_at = now
-        limit = getattr(task.spec, "heartbeat_timeout", None)
-        if limit is not None:
-            heapq.heappush(self._hang_timers,
-                           (now + limit / 1000, next(self._seq), task, task.token))
-
-    def _check_hang(self, task: Task, token: int, now: float) -> None:
-        """A hang timer is due: the attempt is hung unless it reported meanwhile. A hung
-        attempt is abandoned (its worker terminates the backend's process group) and
-        judged like a timeout: retried while retries remain."""
-        if task.state is not TaskState.RUNNING or task.token != token or task.node is None:
-            return
-        limit = getattr(task.spec, "heartbeat_timeout", None) or 0
-        due = task.heard_at + limit / 1000
-        if due > now:
-            heapq.heappush(self._hang_timers, (due, next(self._seq), task, token))
-            return
-        node = task.node
-        self._place.vacate(node, token, node.id in self._nodes)
-        task.node = None
-        self._out.append(Abandon(node.id, (token,)))
-        self._finish_attempt(task, TaskResult(token=token, task_id=task.id, ok=False,
-                                              error=HUNG.format(ms=limit), timed_out=True),
-                             node.name, now)
-
-    def _run_deadline(self, run: Run, now: float) -> None:
-        """The run's `deadline` passed: running symbols are stopped and fail, nothing new
-        starts, and the run's `on_failure` applies (rollbacks still run: they restore)."""
-        if run.state is not RunState.RUNNING or all(
-                t.state in TERMINAL for t in run.tasks.values()):
-            return  # it ended, rolls back already, or fired before a restart
-        self._journal("run.deadline_exceeded", now, run, data={
-            "deadline": run.workflow.deadline, "reason": RUN_DEADLINE})
-        run.failed = True
-        run.paused = False
-        run.parked.clear()
-        if not run.halted:
-            run.halted = True
-            self._journal("run.halting", now, run, data={
-                "cause": RUN_DEADLINE, "policy": run.workflow.on_failure})
-        self._skip([t for t in run.tasks.values()
-                    if t.state in (TaskState.PENDING, TaskState.READY, TaskState.RETRYING)],
-                   now, RUN_DEADLINE)
-        for task in [t for t in run.tasks.values() if t.state is TaskState.RUNNING]:
-            node = task.node
-            assert node is not None
-            self._place.vacate(node, task.token, node.id in self._nodes)
-            task.node = None
-            self._out.append(Abandon(node.id, (task.token,)))
-            self._finish_attempt(task, TaskResult(token=task.token, task_id=task.id, ok=False,
-                                                  error=RUN_DEADLINE, retryable=False),
-                                 node.name, now)
-        self._check_run(run, now)
 
     # --- placement --------------------------------------------------------------------
 
