@@ -775,8 +775,19 @@ def _log_stall(j: c.Journal) -> None:
                 j.data["seconds"], j.data["nodes"])
 
 
+def _log_deadline(j: c.Journal) -> None:
+    log.warning("run %s: %s (deadline %s ms); stopping it", j.run_id, j.data["reason"],
+                j.data["deadline"], extra={"run_id": j.run_id})
+
+
+def _log_rejected(j: c.Journal) -> None:
+    log.warning("symbol %s of run %s: %s", j.symbol, j.run_id, j.data["error"],
+                extra={"run_id": j.run_id})
+
+
 # Journal entries an operator should also see in the log, as they are made.
-_LOGGED = {"claim.refused": _log_refused, "dispatcher.stalled": _log_stall}
+_LOGGED = {"claim.refused": _log_refused, "dispatcher.stalled": _log_stall,
+           "run.deadline_exceeded": _log_deadline, "symbol.checkpoint_rejected": _log_rejected}
 
 
 def _log_outcome(r: c.Journal) -> None:
