@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from .backends.internal import Context as HandlerContext  # noqa: E402
 from .backends.internal import HandlerFailure, handler  # noqa: E402
 from .config import Config, load_config  # noqa: E402
 from .errors import (  # noqa: E402
@@ -65,6 +66,7 @@ __all__ = [
     "ConnectionFailed",
     "Dispatcher",
     "DispatcherUnreachable",
+    "HandlerContext",
     "HandlerFailure",
     "InputError",
     "LocalSwarm",

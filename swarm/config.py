@@ -56,6 +56,7 @@ class CoordinatorConfig:
     enable_load_balancing: bool = True
     priority_queue_enabled: bool = True
     max_worker_losses: int = 3  # a task lost with its worker this often fails ("worker lost")
+    max_checkpoint_size: int = 256 * 1024  # bytes of JSON per checkpoint; 0: no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +205,8 @@ def _validate(cfg: Config, r: Reader) -> None:
                        f"frames of up to {MIN_FRAME_SIZE // 2}), got {d.max_frame_size}")
     if co.max_workers < 1:
         r.problem("coordinator.max_workers", "must be at least 1")
+    if co.max_checkpoint_size < 0:
+        r.problem("coordinator.max_checkpoint_size", "must be 0 (no limit) or more")
     if w.max_concurrent_tasks < 1:
         r.problem("worker.max_concurrent_tasks", "must be at least 1")
     for key in ("heartbeat_interval", "heartbeat_timeout"):

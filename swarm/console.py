@@ -218,6 +218,7 @@ def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> 
                   + (f" (symbol {e['symbol']})" if e["symbol"] else "")
                   + ("" if e["recoverable"] else "; not recoverable"))
     print_not_completed(out, rep.get("symbols", []))
+    print_long_running(out, rep.get("symbols", []))
     t = Table(box=_box(out), title="metrics", show_header=False)
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -257,6 +258,28 @@ def print_report(out: Console, rep: dict[str, Any], timeline_rows: int = 40) -> 
         out.print(f"({len(events) - timeline_rows} more events: --json shows all)")
 
 
+def progress_text(fraction: float | None, message: str | None) -> str:
+    """`40% step 4 of 10`: a progress report as a person reads it."""
+    pct = f"{fraction:.0%}" if isinstance(fraction, (int, float)) else ""
+    return " ".join(x for x in (pct, message or "") if x)
+
+
+def print_long_running(out: Console, symbols: list[dict[str, Any]]) -> None:
+    """The symbols that checkpointed or reported progress: their last word."""
+    rows = [s for s in symbols if "progress" in s or "checkpoint_at" in s]
+    if not rows:
+        return
+    t = Table(box=_box(out), title="checkpoints and progress")
+    for col in ("symbol", "state", "last checkpoint", "progress"):
+        t.add_column(col)
+    for s in rows:
+        at = s.get("checkpoint_at")
+        t.add_row(s["name"], _styled(s["state"]),
+                  time.strftime("%H:%M:%S", time.localtime(at)) if at else "-",
+                  escape(progress_text(s.get("progress"), s.get("message"))) or "-")
+    out.print(t)
+
+
 def print_not_completed(out: Console, symbols: list[dict[str, Any]], tail_lines: int = 10
                         ) -> None:
     """Each symbol that did not complete: why (error, exit code or signal), the end of its
@@ -288,7 +311,8 @@ def print_not_completed(out: Console, symbols: list[dict[str, Any]], tail_lines:
 # Records worth a line while following a run; the rest show in the final table.
 _LINE_EVENTS = (jn.SymbolFailed, jn.SymbolRetrying, jn.SymbolSkipped, jn.SymbolRolledBack,
                 jn.RollbackCreated, jn.RunHalting, jn.RunRollingBack, jn.NodeLost,
-                jn.SymbolWaiting, jn.RunRollbackRequested, jn.RollbackCompleted)
+                jn.SymbolWaiting, jn.RunRollbackRequested, jn.RollbackCompleted,
+                jn.SymbolCheckpointRejected, jn.RunDeadlineExceeded)
 
 
 def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | None:
@@ -305,6 +329,11 @@ def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | 
             detail = f"{detail}; fails in {wait / 1000:.2f} s (wait_for_worker)"
         case jn.RollbackCompleted(status=status, run_status=run_status):
             detail = f"rollback {status}; the run stays {run_status}"
+        case jn.SymbolProgress(progress=progress, message=message):
+            detail = progress_text(progress, message)
+        case jn.SymbolCheckpointed(progress=progress, message=message, size=size):
+            detail = f"checkpoint of {size or 0:,} bytes kept; " \
+                f"{progress_text(progress, message)}".rstrip("; ")
     if every and ev.node and ev.symbol:
         who = f"{ev.symbol} on {ev.node}"
     run = f"{ev.run_id} " if with_run and ev.run_id else ""
@@ -315,7 +344,8 @@ def event_line(ev: Event, every: bool = False, with_run: bool = False) -> str | 
 
 _ALERTS = frozenset({jn.Kind.SYMBOL_FAILED, jn.Kind.SYMBOL_RETRYING, jn.Kind.NODE_LOST,
                      jn.Kind.RUN_HALTING, jn.Kind.RUN_PAUSED, jn.Kind.RUN_RESUMED,
-                     jn.Kind.RUN_CANCELLING, jn.Kind.SYMBOL_WAITING})
+                     jn.Kind.RUN_CANCELLING, jn.Kind.SYMBOL_WAITING,
+                     jn.Kind.SYMBOL_CHECKPOINT_REJECTED, jn.Kind.RUN_DEADLINE_EXCEEDED})
 
 
 class Follower:
@@ -349,16 +379,18 @@ class Follower:
 
     def __rich__(self) -> Group:
         pr = self.progress
-        self._bar_view.update(self._bar, completed=pr.completed, rate=f"{pr.rate:.1f}/s")
+        self._bar_view.update(self._bar, completed=pr.done_fraction, rate=f"{pr.rate:.1f}/s")
         parts: list[Any] = [self._bar_view]
         if pr.running:
             t = Table(box=box.SIMPLE, show_header=True, header_style="dim")
-            for col in ("running", "node", "elapsed"):
+            for col in ("running", "node", "elapsed", "progress"):
                 t.add_column(col)
             now = time.time()
-            shown = sorted(pr.running.values(), key=lambda v: v[2])[:15]
-            for symbol, node, since in shown:
-                t.add_row(symbol, node, _fmt_duration(now - since))
+            shown = sorted(pr.running.items(), key=lambda kv: kv[1][2])[:15]
+            for tid, (symbol, node, since) in shown:
+                said = pr.said.get(tid)
+                t.add_row(symbol, node, _fmt_duration(now - since),
+                          escape(progress_text(*said)) if said else "")
             if len(pr.running) > 15:
                 t.add_row(f"... {len(pr.running) - 15} more", "", "")
             parts.append(t)

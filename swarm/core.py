@@ -32,10 +32,12 @@ from .events import (  # the core's vocabulary, re-exported
     Command,
     Event,
     Journal,
+    KeepAck,
     NodeConnected,
     NodeDisconnected,
     NodeDraining,
     NodeHeartbeat,
+    ProgressReceived,
     ResultsReceived,
     RollbackRequested,
     RunCancelled,
@@ -46,8 +48,10 @@ from .events import (  # the core's vocabulary, re-exported
     TaskRecord,
     Tick,
 )
+from .longrun import LongRunning
 from .model import DEFAULT_RETRIES, RetryPolicy, Symbol, Workflow
 from .placement import Placement
+from .progress import DEFAULT_MAX_CHECKPOINT_SIZE
 from .protocol import TaskAssignment, TaskResult
 from .tasks import (
     RUN_FINAL,
@@ -83,6 +87,7 @@ class SchedulerConfig:
     # Ticks further apart than this while nodes are connected mean the dispatcher itself
     # stalled (it ticks about every second): nobody's silence is judged across a stall.
     stall_after: float = 3.0
+    max_checkpoint_size: int = DEFAULT_MAX_CHECKPOINT_SIZE  # bytes of JSON; <= 0: no limit
 
 
 # --- internal state -------------------------------------------------------------------
@@ -122,7 +127,7 @@ _UNDOABLE = {RunState.COMPLETED: RunPhase.UNDOING_COMPLETED,
              RunState.FAILED: RunPhase.UNDOING_FAILED}
 
 
-class Scheduler:
+class Scheduler(LongRunning):
     """Runs, tasks and nodes, and the rules that move them. See the module docstring."""
 
     __setattr__ = undo.tracked_setattr  # inside `handle`, every write can be undone
@@ -156,6 +161,10 @@ class Scheduler:
         # After a restart, workers get `orphan_grace` to reconnect before anything is
         # declared waiting for one: their absence then is the dispatcher's doing.
         self._settle_at: float | None = None
+        # Running attempts of symbols with a `heartbeat_timeout`: (due, seq, task, token),
+        # pushed again lazily when a report came in meanwhile. Runs with a `deadline`.
+        self._hang_timers: list[tuple[float, int, Task, int]] = []
+        self._deadlines: list[tuple[float, int, Run]] = []
 
     # --- public -----------------------------------------------------------------------
 
@@ -217,6 +226,8 @@ class Scheduler:
                 self._on_pause(event)
             case RunCancelled():
                 self._on_cancel(event)
+            case ProgressReceived():
+                self._on_progress(event)
             case _:
                 raise IllegalTransition(f"unknown event {event!r}")
 
@@ -258,6 +269,7 @@ class Scheduler:
             times.append(waits[0][0])
         if self._settle_at is not None:
             times.append(self._settle_at)
+        times.extend(self._long_running_due())
         return min(times) if times else None
 
     def _new_token(self) -> int:
@@ -428,6 +440,8 @@ class Scheduler:
             raise Refused(f"run {run_id} is already known")
         run = Run(run_id, wf, next(self._run_seq), now)
         self._runs[run.id] = run
+        if run.deadline_at is not None:
+            undo.heappush(self._deadlines, (run.deadline_at, next(self._seq), run))
         analysis = planning.analyze(wf, durations or None)
         for index, sym in enumerate(wf.symbols):
             task = Task(run, sym.name, "main", sym)
@@ -514,6 +528,7 @@ class Scheduler:
         task.attempts, task.losses, task.token = rec.attempts, rec.losses, rec.token
         task.owner = rec.node_id
         task.first_start = rec.first_start
+        task.checkpoint = rec.checkpoint
         if state is TaskState.RUNNING:  # its worker may still report: hold it a while
             self._force(task, TaskState.RETRYING)
             self._place.claim(task)  # and its locks: it may still be running out there
@@ -640,6 +655,7 @@ class Scheduler:
                 self._journal(jn.SymbolAdopted(ev.now, task.run.id, task.id, task.name,
                                                node.name, task.attempts, node_id=node.id,
                                                token=token))
+                self._watch_hang(task, ev.now)
             else:
                 abandon.append(token)
         if abandon:
@@ -730,6 +746,7 @@ class Scheduler:
             if task.state is TaskState.RETRYING:
                 self._set(task, TaskState.READY)
                 self._push_ready(task, now, reason="retry")
+        self._long_running_tick(now)
         if self._settle_at is not None and now >= self._settle_at:
             self._settle_at = None
             self._recheck(now, None)
@@ -1042,10 +1059,12 @@ class Scheduler:
             timeout = max(1, min(timeout, int(deadline - (now - task.first_start) * 1000)))
         self._journal(jn.SymbolStarted(now, task.run.id, task.id, task.name, node.name,
                                        task.attempts, token=task.token, node_id=node.id))
+        self._watch_hang(task, now)
         self._assign.setdefault(node.id, []).append(TaskAssignment(
             task_id=task.id, run_id=task.run.id, symbol=task.name, type=spec.type,
             context=spec.context, dispatch=spec.dispatch, parameters=spec.parameters,
-            attempt=task.attempts, token=task.token, timeout=timeout, secrets=spec.secrets))
+            attempt=task.attempts, token=task.token, timeout=timeout, secrets=spec.secrets,
+            checkpoint=task.checkpoint if getattr(spec, "checkpoint", True) else None))
 
     # --- waiting for a worker that can run a symbol -----------------------------------
 
@@ -1187,6 +1206,7 @@ class Scheduler:
             _unlogged(task.run, "unfinished", task.run.unfinished - 1)
             if task.token in self._by_token:  # (a finished attempt's is gone already)
                 self._by_token.pop(task.token)
+            task.checkpoint = None  # no attempt will resume from it
         counts = task.run.counts
         counts[task.state] -= 1
         counts[state] += 1
@@ -1206,10 +1226,12 @@ __all__ = [
     "IllegalTransition",
     "Refused",
     "Journal",
+    "KeepAck",
     "NodeConnected",
     "NodeDisconnected",
     "NodeDraining",
     "NodeHeartbeat",
+    "ProgressReceived",
     "RUN_FINAL",
     "RUN_TRANSITIONS",
     "ResultsReceived",

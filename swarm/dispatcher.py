@@ -96,6 +96,7 @@ def scheduler_config(cfg: Config) -> c.SchedulerConfig:
         # A worker that outlived the last dispatcher reconnects within its backoff; its
         # running attempts wait this long for it before they run again elsewhere.
         orphan_grace=co.heartbeat_timeout / 1000.0,
+        max_checkpoint_size=co.max_checkpoint_size,
     )
 
 
@@ -428,6 +429,10 @@ class Dispatcher:
                         _log_refused(cmd)
                     case jn.DispatcherStalled():
                         _log_stall(cmd)
+                    case jn.RunDeadlineExceeded():
+                        _log_deadline(cmd)
+                    case jn.SymbolCheckpointRejected():
+                        _log_rejected(cmd)
                 continue
             peer = self._workers.get(cmd.node_id)
             if peer is None:
@@ -438,6 +443,8 @@ class Dispatcher:
                 self._sends.append((peer, p.Ack(cmd.tokens)))
             elif isinstance(cmd, c.Abandon):
                 self._sends.append((peer, p.Abandon(cmd.tokens)))
+            elif isinstance(cmd, c.KeepAck):
+                self._sends.append((peer, p.Kept(cmd.items)))
             elif isinstance(cmd, c.CloseNode):
                 log.warning("node %s: %s; closing its connection", peer.name, cmd.reason)
                 self._sends.append((peer, None))
@@ -751,7 +758,8 @@ class Dispatcher:
                      max_frame=hello.max_size or self.config.dispatcher.max_frame_size)
         self._workers[node_id] = peer
         peer.send(p.Welcome(node_id=node_id, version=__version__, node_secret=secret,
-                            heartbeat_interval=self.config.coordinator.heartbeat_interval))
+                            heartbeat_interval=self.config.coordinator.heartbeat_interval,
+                            max_checkpoint_size=self.config.coordinator.max_checkpoint_size))
         log.info("worker %s joined: %s, %d slots", hello.name,
                  ", ".join(hello.capabilities) or "no backends", hello.slots)
         self.feed(c.NodeConnected(node_id, hello.name, hello.capabilities, hello.slots,
@@ -763,6 +771,8 @@ class Dispatcher:
                     break  # replaced by a newer connection of the same node
                 if isinstance(msg, p.Results):
                     self.feed(c.ResultsReceived(node_id, msg.items, now))
+                elif isinstance(msg, p.Progress):
+                    self.feed(c.ProgressReceived(node_id, msg.items, now))
                 elif isinstance(msg, p.Heartbeat):
                     self.feed(c.NodeHeartbeat(node_id, now, msg.running, msg.assigned))
                 elif isinstance(msg, p.Draining):
@@ -817,6 +827,16 @@ def _log_refused(j: jn.ClaimRefused) -> None:
 def _log_stall(j: jn.DispatcherStalled) -> None:
     log.warning("the dispatcher stalled for %.1f s; %d nodes get a fresh grace period",
                 j.seconds, j.nodes)
+
+
+def _log_deadline(j: jn.RunDeadlineExceeded) -> None:
+    log.warning("run %s: %s (deadline %s ms); stopping it", j.run_id, j.reason, j.deadline,
+                extra={"run_id": j.run_id})
+
+
+def _log_rejected(j: jn.SymbolCheckpointRejected) -> None:
+    log.warning("symbol %s of run %s: %s", j.symbol, j.run_id, j.error,
+                extra={"run_id": j.run_id})
 
 
 def _log_outcome(r: jn.RunEnded) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .journal import Record
 from .model import Workflow
-from .protocol import TaskAssignment, TaskResult
+from .protocol import CheckpointKept, ProgressReport, TaskAssignment, TaskResult
 
 # --- events (in) ----------------------------------------------------------------------
 
@@ -86,6 +86,7 @@ class TaskRecord:
     parent: str | None = None  # rollback: the symbol it undoes
     after: tuple[str, ...] = ()  # rollback: symbols whose rollbacks come first
     node_id: str = ""  # the node that holds (or held) the attempt `token`
+    checkpoint: Any = None  # the last committed checkpoint (None: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,16 @@ class ResultsReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ProgressReceived:
+    """Progress reports and checkpoints from a worker's running attempts."""
+
+    node_id: str
+    reports: tuple[ProgressReport, ...]
+    now: float
+    stimulus_id: int = field(default=0, kw_only=True)
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     now: float
     stalled: float = 0.0  # seconds the shell itself was late (a stall): no node is to blame
@@ -149,7 +160,7 @@ class Tick:
 
 Event = (NodeConnected | NodeDisconnected | NodeHeartbeat | NodeDraining | RunSubmitted
          | ResultsReceived | Tick | RunRestored | RollbackRequested | RunPaused | RunResumed
-         | RunCancelled)
+         | RunCancelled | ProgressReceived)
 
 # --- commands (out) -------------------------------------------------------------------
 
@@ -177,9 +188,17 @@ class Abandon:
 
 
 @dataclass(frozen=True, slots=True)
+class KeepAck:
+    """Tell a worker which checkpoints were kept (or why not): sent after the commit."""
+
+    node_id: str
+    items: tuple[CheckpointKept, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CloseNode:
     node_id: str
     reason: str
 
 
-Command = Journal | Assign | Ack | Abandon | CloseNode
+Command = Journal | Assign | Ack | Abandon | CloseNode | KeepAck

@@ -41,6 +41,7 @@ class Kind(StrEnum):
     RUN_FAILED = "run.failed"
     RUN_ROLLED_BACK = "run.rolled_back"
     RUN_CANCELLED = "run.cancelled"
+    RUN_DEADLINE_EXCEEDED = "run.deadline_exceeded"
     ROLLBACK_CREATED = "rollback.created"
     ROLLBACK_COMPLETED = "rollback.completed"
     SYMBOL_QUEUED = "symbol.queued"
@@ -55,6 +56,10 @@ class Kind(StrEnum):
     SYMBOL_SKIPPED = "symbol.skipped"
     SYMBOL_CANCELLED = "symbol.cancelled"
     SYMBOL_ROLLED_BACK = "symbol.rolled_back"
+    SYMBOL_PROGRESS = "symbol.progress"
+    SYMBOL_CHECKPOINTED = "symbol.checkpointed"
+    SYMBOL_CHECKPOINT_REJECTED = "symbol.checkpoint_rejected"
+    SYMBOL_CHECKPOINT_DROPPED = "symbol.checkpoint_dropped"
     ATTEMPT_FINISHED = "attempt.finished"
     ATTEMPT_LOST = "attempt.lost"
     RESULT_DROPPED = "result.dropped"
@@ -69,7 +74,9 @@ class Kind(StrEnum):
 
 # Data keys other tables hold and followers do not need: the events table and the wire
 # leave them out (see `lean_data`).
-BULKY = frozenset({"manifest", "stderr"})
+# A checkpoint's data lives in its task's row (the latest only): the journal and the event
+# stream say that and when one was kept, not the up to 256 KiB of each.
+BULKY = frozenset({"manifest", "stderr", "checkpoint"})
 _OMIT = {"omit": True}
 
 
@@ -399,6 +406,71 @@ class SymbolRolledBack(TaskScoped):
     KIND = Kind.SYMBOL_ROLLED_BACK
     _: KW_ONLY
     rollback: str  # the rollback symbol that undid it
+
+
+# --- long-running symbols: progress, checkpoints, run deadlines -------------------------
+
+
+@_record
+@dataclass(frozen=True, slots=True)
+class SymbolProgress(TaskScoped):
+    """A running attempt's progress report (at most one a second is journaled)."""
+
+    KIND = Kind.SYMBOL_PROGRESS
+    _: KW_ONLY
+    token: int
+    progress: float | None = omitted()  # in [0, 1]
+    message: str | None = omitted()
+
+
+@_record
+@dataclass(frozen=True, slots=True)
+class SymbolCheckpointed(TaskScoped):
+    """A checkpoint kept: its task's row holds the data, for the symbol's next attempt."""
+
+    KIND = Kind.SYMBOL_CHECKPOINTED
+    _: KW_ONLY
+    token: int
+    progress: float | None = omitted()
+    message: str | None = omitted()
+    size: int = 0  # bytes of JSON
+    checkpoint: Any = None  # bulky: the tasks row holds the latest
+
+
+@_record
+@dataclass(frozen=True, slots=True)
+class SymbolCheckpointRejected(TaskScoped):
+    """A checkpoint refused (over max_checkpoint_size, or the symbol opted out): the
+    previous one stays."""
+
+    KIND = Kind.SYMBOL_CHECKPOINT_REJECTED
+    _: KW_ONLY
+    token: int
+    progress: float | None = omitted()
+    message: str | None = omitted()
+    size: int = 0
+    error: str = ""
+
+
+@_record
+@dataclass(frozen=True, slots=True)
+class SymbolCheckpointDropped(Record):
+    """A checkpoint of an attempt that no longer holds its task (fenced by its token), or
+    of no attempt known at all (then without a run or a task)."""
+
+    KIND = Kind.SYMBOL_CHECKPOINT_DROPPED
+    _: KW_ONLY
+    token: int
+    reason: str
+
+
+@_record
+@dataclass(frozen=True, slots=True)
+class RunDeadlineExceeded(RunScoped):
+    KIND = Kind.RUN_DEADLINE_EXCEEDED
+    _: KW_ONLY
+    deadline: int  # ms, the manifest's
+    reason: str
 
 
 # --- attempts ---------------------------------------------------------------------------

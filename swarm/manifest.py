@@ -47,14 +47,14 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 _TOP_KEYS = frozenset(
     {"name", "version", "description", "mode", "on_failure", "resources", "symbols",
-     "wait_for_worker"}
+     "wait_for_worker", "deadline"}
 )
 _ROLLBACK_KEYS = frozenset(
     {"name", "type", "context", "dispatch", "parameters", "timeout", "retries", "secrets"}
 )
 _SYMBOL_KEYS = _ROLLBACK_KEYS | {
     "dependencies", "priority", "resources", "rollback", "description", "retry", "deadline",
-    "requires", "wait_for_worker",
+    "requires", "wait_for_worker", "heartbeat_timeout", "checkpoint",
 }  # fmt: skip
 _RETRY_KEYS = frozenset({"initial_delay", "max_delay", "backoff_factor", "jitter"})
 _SCALARS = {str, int, float, bool, type(None)}
@@ -400,13 +400,14 @@ class _Checker:
                 msg = f"capacity of {key!r} must be an integer 1 or more, got {_describe(value)}"
                 self.add(msg, None, "resources", self.lines.of(capacities, key))
         wait = self.integer(at, "wait_for_worker", None, 0, " (milliseconds)")
+        deadline = self.integer(at, "deadline", None, 1, " (milliseconds)")
         self.problems.sort(key=_by_position(doc))
         symbols = self.symbols(doc.get("symbols"), at)
         if self.problems:
             raise ManifestError(self.problems)
         return Workflow(
             name, str(version), symbols, description, mode, on_failure, capacities, self.source,
-            wait_for_worker=wait,
+            wait_for_worker=wait, deadline=deadline,
         )
 
     def symbols(self, raw: object, top: _At) -> tuple[Symbol, ...]:
@@ -514,6 +515,8 @@ class _Checker:
             requires=requires,
             secrets=self.secrets(at),
             wait_for_worker=self.integer(at, "wait_for_worker", None, 0, " (milliseconds)"),
+            heartbeat_timeout=self.integer(at, "heartbeat_timeout", None, 1, " (milliseconds)"),
+            checkpoint=self.flag(at, "checkpoint", True),
         )
 
     def rollback(self, at: _At, owner: str, context: str, dispatch: str) -> RollbackSpec:
@@ -673,6 +676,15 @@ class _Checker:
         if least is not None and value < least:
             bound = "greater than 0" if least == 1 else f"{least} or more"
             self.bad(at, key, f"must be {bound}{unit}, got {value}")
+        return value
+
+    def flag(self, at: _At, key: str, default: bool) -> bool:
+        value = at.container.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.bad(at, key, f"expected true or false, got {_describe(value)}")
+            return default
         return value
 
     def number(self, at: _At, key: str, default: float, least: float, most: float) -> float:

@@ -91,6 +91,10 @@ class Symbol:
     # ms to wait for a connected worker that can run it (backend and labels) before it
     # fails; None: the workflow's `wait_for_worker`, and without one, wait for ever.
     wait_for_worker: int | None = None
+    # ms an attempt may go without a progress report or checkpoint before it is taken for
+    # hung and retried like a timeout; None: only `timeout` bounds it.
+    heartbeat_timeout: int | None = None
+    checkpoint: bool = True  # False: its checkpoints are not kept nor handed on
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -121,6 +125,10 @@ class Symbol:
             d["secrets"] = dict(self.secrets)
         if self.wait_for_worker is not None:  # absent stays absent: the hash is unchanged
             d["wait_for_worker"] = self.wait_for_worker
+        if self.heartbeat_timeout is not None:
+            d["heartbeat_timeout"] = self.heartbeat_timeout
+        if not self.checkpoint:
+            d["checkpoint"] = False
         return d
 
 
@@ -135,6 +143,7 @@ class Workflow:
     resources: dict[str, int] = field(default_factory=dict)  # key -> capacity
     source: str = "<memory>"  # where it was loaded from; not part of the content
     wait_for_worker: int | None = None  # ms; a symbol's own value wins (see Symbol)
+    deadline: int | None = None  # ms for the whole run, from its start (survives restarts)
     # Computed once: the content hash of 100,000 symbols takes 0.7 s, and a deploy asks
     # for it twice. Not an argument, so dataclasses.replace() starts a fresh one.
     _memo: dict[str, str] = field(init=False, default_factory=dict, compare=False,
@@ -154,6 +163,8 @@ class Workflow:
             d["resources"] = dict(self.resources)
         if self.wait_for_worker is not None:
             d["wait_for_worker"] = self.wait_for_worker
+        if self.deadline is not None:
+            d["deadline"] = self.deadline
         return d
 
     @property

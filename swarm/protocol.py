@@ -7,7 +7,9 @@ an unvalidated value. `encode()` is the inverse. No pickle, no ext types.
 Handshake: the dispatcher sends `Challenge` (a nonce) on connect; the peer's first
 frame must be `Hello` carrying HMAC-SHA256(token, nonce) when a token is configured;
 the dispatcher answers `Welcome`. Then workers exchange Assign/Results/Ack/Heartbeat/
-Abandon/Draining, and clients send `Request` and receive `Reply` and `Event`.
+Abandon/Draining and Progress/Kept (checkpoints and progress of running attempts; `Kept`
+answers a checkpoint once it is committed), and clients send `Request` and receive
+`Reply` and `Event`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import msgpack  # type: ignore[import-untyped]
 from .errors import LocalProtocolError, RemoteProtocolError
 
 # 2: events travel in batches (one "events" frame per commit); 3: node identities proven
-# by a per-node secret, heartbeats count the assignments received
-PROTOCOL_VERSION = 3
+# by a per-node secret, heartbeats count the assignments received; 4: progress reports and
+# checkpoints (`progress`/`kept` frames), assignments carry the checkpoint to resume from
+PROTOCOL_VERSION = 4
 MAX_NAME = 256
 # Node names reach logs, reports and command lines: a host name's characters, bounded.
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
@@ -76,6 +79,7 @@ class Welcome:
     heartbeat_interval: int  # ms the dispatcher expects between heartbeats
     version: str = ""
     node_secret: bytes = b""  # a worker's proof of `node_id` when it reconnects
+    max_checkpoint_size: int = 0  # bytes of JSON a checkpoint may take (0: no limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,8 @@ class TaskAssignment:
     timeout: int  # ms for this attempt
     # Env name -> secret reference, resolved by the worker: values never cross the wire.
     secrets: dict[str, str] = field(default_factory=dict)
+    # The last checkpoint committed for the symbol (None: start from scratch).
+    checkpoint: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +134,43 @@ class Results:
 class Ack:
     T: ClassVar[str] = "ack"
     tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressReport:
+    """What a running attempt said of itself: a checkpoint to keep, and/or how far it is.
+    `seq` counts an attempt's reports: the acknowledgement of one covers those before."""
+
+    T: ClassVar[str] = "report"
+    token: int
+    task_id: str
+    seq: int
+    checkpoint: Any = None  # None: no checkpoint in this report
+    progress: float | None = None  # 0.0 to 1.0
+    message: str = ""
+    oversize: int = 0  # bytes of a checkpoint too big to send (refused by the worker)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    T: ClassVar[str] = "progress"
+    items: tuple[ProgressReport, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointKept:
+    """The answer to a report with a checkpoint, sent once its fate is committed."""
+
+    T: ClassVar[str] = "checkpoint_kept"
+    token: int
+    seq: int
+    error: str = ""  # why it was not kept ("" : kept)
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    T: ClassVar[str] = "kept"
+    items: tuple[CheckpointKept, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,16 +233,16 @@ class Events:
 
 
 Message = (Challenge | Hello | Welcome | Assign | Results | Ack | Heartbeat | Abandon | Draining
-           | Request | Reply | Event | Events)
+           | Request | Reply | Event | Events | Progress | Kept)
 MESSAGES: dict[str, type[Any]] = {
     c.T: c
     for c in (
         Challenge, Hello, Welcome, Assign, Results, Ack, Heartbeat, Abandon, Draining,
-        Request, Reply, Event, Events,
+        Request, Reply, Event, Events, Progress, Kept,
     )
 }
 # Dataclasses that travel inside other messages (as maps).
-ITEMS = (TaskAssignment, TaskResult, Event)
+ITEMS = (TaskAssignment, TaskResult, Event, ProgressReport, CheckpointKept)
 # Requests a client may make, with the type of each argument (None: optional).
 REQUEST_OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "deploy": {"workflow": (dict, False), "follow": (bool, False), "new": (bool, False),

@@ -158,6 +158,10 @@ def build(run: dict[str, Any], tasks: list[dict[str, Any]], attempts: list[dict[
         "dispatch": t["dispatch"], "state": t["state"], "error": t["error"],
         "output": redact(t["result"]), "started_at": t["started_at"],
         "finished_at": t["finished_at"], "attempts": per_task.get(t["task_id"], []),
+        # A long-running symbol's last word: its last checkpoint's time, progress, message.
+        **({"checkpoint_at": t.get("checkpoint_at"), "progress": t.get("progress"),
+            "message": t.get("message")}
+           if t.get("checkpoint_at") is not None or t.get("progress") is not None else {}),
     } for t in tasks}
     symbols = list(by_task.values())
     return {

@@ -148,6 +148,8 @@ class RunUpdate:
     event: Event | None  # the event behind this update
     # Symbols that no connected worker can run, each with the reason (symbol.waiting).
     waiting: tuple[tuple[str, str], ...] = ()
+    # Running symbols that reported progress: (symbol, fraction or None, message).
+    progress: tuple[tuple[str, float | None, str], ...] = ()
 
     @property
     def percentage(self) -> float:
@@ -177,6 +179,8 @@ class ProgressTracker:
         self.status = status
         self.running: dict[str, tuple[str, str, float]] = {}  # task id -> (symbol, node, since)
         self.waiting: dict[str, tuple[str, str]] = {}  # task id -> (symbol, reason)
+        # task id -> (fraction or None, message): what running symbols last reported
+        self.said: dict[str, tuple[float | None, str]] = {}
         self.recent: deque[Event] = deque(maxlen=keep)
         self._t0 = time.monotonic()
         self._done0 = self.completed
@@ -192,6 +196,12 @@ class ProgressTracker:
                 self.waiting[tid] = (ev.symbol or "", "" if reason is None else str(reason))
             case jn.SymbolUnblocked():
                 self.waiting.pop(tid, None)
+            case jn.SymbolProgress(progress=fraction, message=message) | jn.SymbolCheckpointed(
+                    progress=fraction, message=message):
+                if tid in self.running:
+                    old = self.said.get(tid, (None, ""))
+                    self.said[tid] = (fraction if isinstance(fraction, (int, float)) else old[0],
+                                      str(message or old[1]))
             case jn.SymbolStarted() | jn.SymbolAdopted():
                 self.waiting.pop(tid, None)
                 self.running[tid] = (ev.symbol or "", ev.node or "-", ev.ts)
@@ -199,6 +209,7 @@ class ProgressTracker:
                   | jn.SymbolCancelled()) as done:
                 self.waiting.pop(tid, None)
                 self.running.pop(tid, None)
+                self.said.pop(tid, None)
                 if not tid.endswith("/rollback") and tid not in self._ended:
                     self._ended.add(tid)
                     self.completed += 1
@@ -206,6 +217,7 @@ class ProgressTracker:
             case jn.SymbolRetrying() | jn.AttemptLost():
                 self.waiting.pop(tid, None)
                 self.running.pop(tid, None)
+                self.said.pop(tid, None)
             case jn.RunEnded() as end:
                 self.status = end.kind.removeprefix("run.")
             case jn.RunPaused():
@@ -219,18 +231,27 @@ class ProgressTracker:
         return True
 
     @property
+    def done_fraction(self) -> float:
+        """Symbols done, counting running ones by the progress they reported (a long
+        symbol halfway through is half done: the ETA need not wait for its end)."""
+        return self.completed + sum(f for tid, (f, _) in self.said.items()
+                                    if f is not None and not tid.endswith("/rollback"))
+
+    @property
     def rate(self) -> float:
         elapsed = time.monotonic() - self._t0
-        return (self.completed - self._done0) / elapsed if elapsed > 0 else 0.0
+        return (self.done_fraction - self._done0) / elapsed if elapsed > 0 else 0.0
 
     @property
     def eta(self) -> float | None:
         rate = self.rate
-        left = max(0, self.total - self.completed)
+        left = max(0.0, self.total - self.done_fraction)
         return left / rate if rate > 0 else (0.0 if left == 0 else None)
 
     def update(self, event: Event | None) -> RunUpdate:
         return RunUpdate(
             run_id=self.run_id, status=self.status, completed=self.completed, total=self.total,
             eta=self.eta, running=tuple(s for s, _, _ in self.running.values()),
-            recent=tuple(self.recent), event=event, waiting=tuple(self.waiting.values()))
+            recent=tuple(self.recent), event=event, waiting=tuple(self.waiting.values()),
+            progress=tuple((self.running[tid][0], f, m) for tid, (f, m) in self.said.items()
+                           if tid in self.running))

@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     parent TEXT, dispatch TEXT NOT NULL, position INTEGER NOT NULL, state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, losses INTEGER NOT NULL DEFAULT 0, node TEXT,
     token INTEGER, due_at REAL, started_at REAL, finished_at REAL, result TEXT, error TEXT,
-    deps TEXT, node_id TEXT);
+    deps TEXT, node_id TEXT,
+    -- the latest committed checkpoint (JSON) and the latest progress report of the symbol
+    checkpoint TEXT, checkpoint_at REAL, progress REAL, message TEXT);
 CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id, position);
 -- Tokens are random (unguessable); rows are kept in the order attempts started (`id`)
 -- and found by (task_id, attempt), never by token: an index of random keys would make
@@ -286,6 +288,21 @@ def _apply(b: _Batch, e: Record) -> None:
             b.update("nodes", e.node_id, name=e.node, capabilities=_json(e.capabilities),
                      slots=e.slots, labels=_json(e.labels), status=NodeState.CONNECTED.value,
                      left_at=None, reason=None, seen_at=e.ts)
+        case jn.SymbolCheckpointed():
+            cols = {"checkpoint": _json(e.checkpoint), "checkpoint_at": e.ts}
+            if e.progress is not None:
+                cols["progress"] = e.progress
+            if e.message is not None:
+                cols["message"] = e.message
+            b.update("tasks", e.task_id, **cols)
+        case jn.SymbolProgress():
+            cols = {}
+            if e.progress is not None:
+                cols["progress"] = e.progress
+            if e.message is not None:
+                cols["message"] = e.message
+            if cols:
+                b.update("tasks", e.task_id, **cols)
         case jn.NodeLost() | jn.NodeLeft():
             b.update("nodes", e.node_id, status=_NODE_GONE[e.KIND], left_at=e.ts,
                      reason=e.reason)
@@ -385,6 +402,7 @@ def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
             maintenance.upgrade_to_3(con)
         for stmt in _statements(SCHEMA):
             con.execute(stmt)
+        _add_progress_columns(con)
         con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),))
         # The key node secrets are derived from (see Store.node_key): made once per DB, so
@@ -404,6 +422,16 @@ def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
         raise
     if version < 3:
         maintenance.use_incremental_vacuum(con)
+
+
+def _add_progress_columns(con: sqlite3.Connection) -> None:
+    """Checkpoint and progress columns of tasks, added to a file made before they existed.
+    Additive, so no schema version: an older swarm reads the file as it always did."""
+    have = {r[1] for r in con.execute("PRAGMA table_info(tasks)")}
+    for name, kind in (("checkpoint", "TEXT"), ("checkpoint_at", "REAL"),
+                       ("progress", "REAL"), ("message", "TEXT")):
+        if name not in have:
+            con.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
 
 
 def _upgrade_to_2(con: sqlite3.Connection) -> None:
@@ -716,7 +744,8 @@ class Store:
     async def tasks(self, run_id: str) -> list[dict[str, Any]]:
         rows = await self._rows(
             "SELECT task_id, symbol, kind, parent, dispatch, state, attempts, losses, node,"
-            " started_at, finished_at, result, error FROM tasks WHERE run_id = ?"
+            " started_at, finished_at, result, error, checkpoint_at, progress, message"
+            " FROM tasks WHERE run_id = ?"
             " ORDER BY kind, position, rowid", (run_id,))
         for r in rows:
             r["result"] = json.loads(r["result"]) if r["result"] is not None else None
@@ -738,13 +767,15 @@ class Store:
         run["manifest"] = json.loads(run["manifest"])
         tasks = await self._rows(
             "SELECT symbol, kind, parent, state, attempts, losses, token, due_at, started_at,"
-            " deps, result, node_id FROM tasks WHERE run_id = ? ORDER BY rowid", (run_id,))
+            " deps, result, node_id, checkpoint FROM tasks WHERE run_id = ? ORDER BY rowid",
+            (run_id,))
         records = [TaskRecord(
             name=t["symbol"], kind=t["kind"], state=t["state"], attempts=t["attempts"],
             losses=t["losses"], token=t["token"] or 0, due=t["due_at"],
             first_start=t["started_at"], parent=t["parent"],
             after=tuple(json.loads(t["deps"])) if t["deps"] else (),
-            node_id=t["node_id"] or "") for t in tasks]
+            node_id=t["node_id"] or "",
+            checkpoint=json.loads(t["checkpoint"]) if t["checkpoint"] else None) for t in tasks]
         run["outputs"] = {t["symbol"]: json.loads(t["result"]) if t["result"] else None
                           for t in tasks
                           if t["kind"] == "main" and t["state"] == TaskState.COMPLETED}

@@ -25,7 +25,7 @@ import msgpack  # type: ignore[import-untyped]
 
 from . import events as ev
 from .model import RetryPolicy, Workflow
-from .protocol import TaskResult
+from .protocol import ProgressReport, TaskResult
 
 KEPT = 200_000  # stimuli kept: the oldest beyond that go, a few thousand at a time
 TRIM_EVERY = 5_000  # ... once this many more have been written
@@ -65,10 +65,12 @@ class Stimulus:
 _TYPES: dict[str, type[Any]] = {t.__name__: t for t in (
     ev.NodeConnected, ev.NodeDisconnected, ev.NodeHeartbeat, ev.NodeDraining,
     ev.RunSubmitted, ev.RunRestored, ev.RollbackRequested, ev.RunPaused, ev.RunResumed,
-    ev.RunCancelled, ev.ResultsReceived, ev.Tick, SessionStarted, Forgotten)}
+    ev.RunCancelled, ev.ResultsReceived, ev.ProgressReceived, ev.Tick, SessionStarted,
+    Forgotten)}
 _FIELDS = {name: tuple(f.name for f in dataclasses.fields(t) if f.name != "stimulus_id")
            for name, t in _TYPES.items()}
 _RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(TaskResult))
+_REPORT_FIELDS = tuple(f.name for f in dataclasses.fields(ProgressReport))
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(ev.TaskRecord))
 _TUPLES = frozenset({"capabilities", "running"})  # tuple fields of plain values
 
@@ -80,6 +82,8 @@ def _plain(name: str, value: Any) -> Any:
         return [[getattr(r, f) for f in _RESULT_FIELDS] for r in value]
     if name == "tasks":
         return [[getattr(r, f) for f in _RECORD_FIELDS] for r in value]
+    if name == "reports":
+        return [[getattr(r, f) for f in _REPORT_FIELDS] for r in value]
     return value
 
 
@@ -103,6 +107,8 @@ def decode(stimulus_id: int, kind: str, body: bytes,
             args[name] = tuple(TaskResult(*r) for r in value)
         elif name == "tasks":
             args[name] = tuple(_record(r) for r in value)
+        elif name == "reports":
+            args[name] = tuple(ProgressReport(*r) for r in value)
         elif name in _TUPLES and value is not None:
             args[name] = tuple(value)
     return _TYPES[kind](**args, stimulus_id=stimulus_id), tuple(tokens)

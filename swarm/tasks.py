@@ -134,7 +134,8 @@ class RunStep(StrEnum):
     """What moves a run from one phase to another."""
 
     FAIL = "fail"  # a main symbol failed for good, and on_failure is continue
-    HALT = "halt"  # a main symbol failed for good, and on_failure is halt or rollback
+    HALT = "halt"  # a main symbol failed for good (on_failure halt or rollback), or the
+    # run's deadline passed
     PAUSE = "pause"
     RESUME = "resume"
     CANCEL = "cancel"
@@ -157,12 +158,15 @@ RUN_TRANSITIONS: dict[tuple[RunPhase, RunStep], RunPhase] = {
     (_P.PAUSED, _S.RESUME): _P.RUNNING,
     (_P.PAUSED, _S.FINISH): _P.COMPLETED,  # its last attempts ended while it was paused
     (_P.FAILING, _S.FAIL): _P.FAILING,
+    (_P.FAILING, _S.HALT): _P.HALTING,  # its run deadline passed
     (_P.FAILING, _S.PAUSE): _P.FAILING_PAUSED,
     (_P.FAILING, _S.FINISH): _P.FAILED,
     (_P.FAILING_PAUSED, _S.FAIL): _P.FAILING_PAUSED,
+    (_P.FAILING_PAUSED, _S.HALT): _P.HALTING,
     (_P.FAILING_PAUSED, _S.RESUME): _P.FAILING,
     (_P.FAILING_PAUSED, _S.FINISH): _P.FAILED,
     (_P.HALTING, _S.HALT): _P.HALTING,
+    (_P.HALTING, _S.FAIL): _P.HALTING,  # (on_failure continue, past its run deadline)
     (_P.HALTING, _S.ROLL_BACK): _P.ROLLING_BACK,
     (_P.HALTING, _S.FINISH): _P.FAILED,
     (_P.CANCELLING, _S.ROLL_BACK): _P.CANCEL_ROLLING_BACK,
@@ -211,7 +215,7 @@ class Refused(IllegalTransition):
 _TASK_FIELDS = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                 "dependents", "deps", "node", "token", "due", "first_start", "key", "parent",
                 "orphan", "resources", "requires", "level", "holding", "owner", "blocked",
-                "wait_due")
+                "wait_due", "checkpoint", "heard_at")
 _task_fields = operator.attrgetter(*_TASK_FIELDS)
 
 
@@ -258,6 +262,8 @@ class Task:
         # Why no connected worker can run it ("" while some can): one waiting episode.
         self.blocked = ""
         self.wait_due: float | None = None  # when its `wait_for_worker` runs out
+        self.checkpoint: Any = None  # the last committed checkpoint, for its next attempt
+        self.heard_at = 0.0  # its running attempt's start or latest report (hang detection)
 
     @property
     def dispatch(self) -> str:
@@ -284,7 +290,7 @@ def touch(task: Task) -> None:
 class Run:
     __slots__ = ("id", "workflow", "seq", "phase", "tasks", "rollbacks", "unfinished",
                  "started", "hash", "parked", "waves", "wave", "by_level", "undo_started",
-                 "undo_from", "counts")
+                 "undo_from", "counts", "deadline_at")
     __setattr__ = undo.tracked_setattr
 
     def __init__(self, run_id: str, workflow: Workflow, seq: int, now: float) -> None:
@@ -306,6 +312,9 @@ class Run:
         self.by_level: list[list[Task]] = []
         self.undo_started = 0.0  # when a requested rollback phase began
         self.undo_from = 0  # its first rollback in `rollbacks`
+        # When the run's `deadline` passes: from its start, so a restart keeps it.
+        self.deadline_at = (now + workflow.deadline / 1000
+                            if workflow.deadline is not None else None)
 
     def can(self, step: RunStep) -> bool:
         return (self.phase, step) in RUN_TRANSITIONS

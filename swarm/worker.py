@@ -27,6 +27,7 @@ from . import protocol as p
 from .backends import Backends, Invocation, Outcome
 from .config import Config
 from .errors import AuthenticationFailed, ConfigError, ProtocolError, RemoteProtocolError
+from .reports import Reports
 from .secrets import SecretError, scrub
 from .secrets import resolve as resolve_secrets
 from .tasks import AttemptOutcome
@@ -106,6 +107,7 @@ class Worker:
         self._unacked: dict[int, p.TaskResult] = {}
         self._outbox: list[p.TaskResult] = []
         self._flush_scheduled = False
+        self.reports = Reports(self._send)  # checkpoints and progress of running attempts
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
         self._task: asyncio.Task[int] | None = None
@@ -250,6 +252,7 @@ class Worker:
             if welcome.node_secret or welcome.node_id != self.node_id:
                 self._node_secret = welcome.node_secret  # a new identity
             self.node_id = welcome.node_id
+            self.reports.max_checkpoint_size = welcome.max_checkpoint_size
             self._welcomed = True
             self._assigned = 0
             # The dispatcher's interval, if shorter: it judges silence by its own.
@@ -260,6 +263,7 @@ class Worker:
             log.info("worker %s: connected to %s as %s", self.name, self.url, welcome.node_id)
             if self._stopping.is_set():
                 self._send(p.Draining())
+            self.reports.resend()  # checkpoints not yet known to be committed: before results
             if self._unacked:  # results the last connection did not see acknowledged
                 self._outbox.extend(self._unacked.values())
                 self._schedule_flush()
@@ -281,6 +285,8 @@ class Worker:
         elif isinstance(msg, p.Ack):
             for token in msg.tokens:
                 self._unacked.pop(token, None)
+        elif isinstance(msg, p.Kept):
+            self.reports.on_kept(msg)
         elif isinstance(msg, p.Abandon):
             for token in msg.tokens:
                 task = self._running.get(token)
@@ -308,7 +314,8 @@ class Worker:
             return
         inv = Invocation(run_id=t.run_id, task_id=t.task_id, symbol=t.symbol, type=t.type,
                          context=t.context, dispatch=t.dispatch, parameters=t.parameters,
-                         attempt=t.attempt, timeout_ms=t.timeout)
+                         attempt=t.attempt, timeout_ms=t.timeout, checkpoint=t.checkpoint,
+                         reports=self.reports.sink(t.token, t.task_id, t.symbol))
         task = asyncio.get_running_loop().create_task(self._execute(t.token, inv, t.secrets))
         self._running[t.token] = task
 
@@ -317,12 +324,17 @@ class Worker:
             outcome: Outcome = await self._attempt(inv, secrets)
         except asyncio.CancelledError:
             self._running.pop(token, None)
+            self.reports.finish(token, cancelled=True)
             raise
         except Exception as e:  # a bug in a backend runner must not kill the worker
             log.exception("worker %s: backend %s crashed", self.name, inv.dispatch,
                           extra=_context(inv, self.name))
             outcome = Outcome(ok=False, output=None, error=f"{type(e).__name__}: {e}")
         self._running.pop(token, None)
+        errors = self.reports.finish(token)
+        if errors:  # the symbol's log says what became of its refused checkpoints
+            outcome = dataclasses.replace(
+                outcome, stderr="\n".join([outcome.stderr.rstrip("\n"), *errors]).lstrip("\n"))
         log.debug("symbol %s attempt %d on %s: %s in %.0f ms%s", inv.symbol, inv.attempt,
                   inv.dispatch, AttemptOutcome.OK if outcome.ok else AttemptOutcome.FAILED,
                   outcome.duration_ms,
@@ -363,7 +375,9 @@ class Worker:
         self._flush_scheduled = False
         if self._ws is None:
             self._outbox.clear()  # re-sent from _unacked after reconnecting
+            self.reports.drop_outbox()
             return
+        self.reports.flush()  # an attempt's reports go before its result
         batch: list[p.TaskResult] = []
         size = 0
         for r in self._outbox:

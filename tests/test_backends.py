@@ -132,6 +132,7 @@ def test_invocation_document_carries_the_whole_task() -> None:
         "run_id": "run-1", "task_id": "task-7", "symbol": "process_data",
         "type": "transform", "context": "database", "dispatch": "rust_injector",
         "parameters": {"table": "wp_posts"}, "attempt": 2, "timeout": 20_000,
+        "checkpoint": None,
     }  # fmt: skip
 
 

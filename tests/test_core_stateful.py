@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from swarm import core as c
 from swarm.model import RetryPolicy, RollbackSpec, Symbol, Workflow
-from swarm.protocol import TaskResult
+from swarm.protocol import ProgressReport, TaskResult
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("strict_touch")]
 
@@ -38,9 +38,10 @@ def dump(s: c.Scheduler) -> Any:
         return (t.id, t.state, t.attempts, t.losses, t.waiting, t.node.id if t.node else None,
                 t.token, t.due, t.first_start, t.key, t.orphan, t.level, t.holding, t.owner,
                 t.blocked, t.wait_due, [d.id for d in t.deps], [d.id for d in t.dependents],
-                t.parent.id if t.parent else None)
+                t.parent.id if t.parent else None, t.checkpoint, t.heard_at)
 
     runs = {rid: (r.phase, r.unfinished, dict(r.counts), r.wave, r.undo_started, r.undo_from,
+                  r.deadline_at,
                   [t.id for t in r.parked], [task(t) for t in r.tasks.values()],
                   [task(t) for t in r.rollbacks]) for rid, r in s._runs.items()}
     nodes = {nid: (n.name, n.slots, n.draining, n.last_seen, n.seq, sorted(n.suspect),
@@ -55,20 +56,24 @@ def dump(s: c.Scheduler) -> Any:
             {k: t.id for k, t in s._by_token.items()},
             sorted((d, t.id) for d, _, t in s._timers),
             sorted((d, t.id) for d, _, t in s._wait_timers),
+            sorted((d, t.id, k) for d, _, t, k in s._hang_timers),
+            sorted((d, r.id) for d, _, r in s._deadlines),
             dict(s._can), {n: sorted(ts) for n, ts in s._waiting.items() if ts}, scalars)
 
 
 def workflow(shape: list[tuple[int, ...]], on_failure: str, rollbacks: list[bool],
-             waves: bool) -> Workflow:
+             waves: bool, deadline: int | None = None) -> Workflow:
     symbols = []
     for i, deps in enumerate(shape):
         rb = RollbackSpec(name=f"undo_s{i}") if rollbacks[i % len(rollbacks)] else None
         symbols.append(Symbol(name=f"s{i}", type="action",
                               dispatch="internal" if i % 3 else "php",
                               dependencies=tuple(f"s{d}" for d in deps if d < i),
-                              rollback=rb, retries=1 if i % 2 else 0))
+                              rollback=rb, retries=1 if i % 2 else 0,
+                              heartbeat_timeout=3000 if i % 4 == 1 else None,
+                              checkpoint=i % 5 != 2))
     return Workflow(name="w", version="1", symbols=tuple(symbols), on_failure=on_failure,
-                    mode="waves" if waves else "dag")
+                    mode="waves" if waves else "rolling", deadline=deadline)
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -81,6 +86,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.assigned: dict[int, tuple[str, str]] = {}  # token -> (node id, task id)
         self.finished: list[tuple[int, str, str]] = []  # results already reported
         self.faults = 0
+        self.reports = 0
 
     @staticmethod
     def new_core() -> c.Scheduler:
@@ -160,10 +166,11 @@ class CoreMachine(RuleBasedStateMachine):
                          max_size=8),
           on_failure=st.sampled_from(["halt", "continue", "rollback"]),
           rollbacks=st.lists(st.booleans(), min_size=1, max_size=3),
-          waves=st.booleans(), fault=faults_at)
+          waves=st.booleans(), deadline=st.sampled_from([None, None, 4000, 20000]),
+          fault=faults_at)
     def submit(self, shape: list[tuple[int, ...]], on_failure: str, rollbacks: list[bool],
-               waves: bool, fault: int | None) -> None:
-        wf = workflow(shape, on_failure, rollbacks, waves)
+               waves: bool, deadline: int | None, fault: int | None) -> None:
+        wf = workflow(shape, on_failure, rollbacks, waves, deadline)
         self.feed(c.RunSubmitted(f"r{next(self.runs)}", wf, self.now), fault)
 
     @precondition(lambda self: self.s._runs)
@@ -220,6 +227,23 @@ class CoreMachine(RuleBasedStateMachine):
             self.now += 0.5  # retry timers come due
             self.feed(c.Tick(self.now))
 
+    @precondition(lambda self: self.assigned and self.s._nodes)
+    @rule(data=st.data(), checkpoint=st.booleans(), big=st.booleans(),
+          progress=st.one_of(st.none(), st.floats(allow_nan=True)), fault=faults_at)
+    def report(self, data: st.DataObject, checkpoint: bool, big: bool,
+               progress: float | None, fault: int | None) -> None:
+        """A progress report or checkpoint of an attempt: running, replaced or unknown,
+        within max_checkpoint_size or over it."""
+        token = data.draw(st.sampled_from(sorted(self.assigned)))
+        nid, task_id = self.assigned[token]
+        if nid not in self.s._nodes:
+            nid = data.draw(st.sampled_from(sorted(self.s._nodes)))
+        self.reports += 1
+        report = ProgressReport(token, task_id, self.reports,
+                                {"step": self.reports} if checkpoint and not big else None,
+                                progress, "working", 300_000 if checkpoint and big else 0)
+        self.feed(c.ProgressReceived(nid, (report,), self.now), fault)
+
     @precondition(lambda self: self.finished and self.s._nodes)
     @rule(data=st.data(), other_node=st.booleans(), fault=faults_at)
     def late_result(self, data: st.DataObject, other_node: bool, fault: int | None) -> None:
@@ -247,6 +271,7 @@ class CoreMachine(RuleBasedStateMachine):
                 c.TaskRecord(name=t.name, kind=t.kind, state=t.state.value,
                              attempts=t.attempts, losses=t.losses, token=t.token,
                              due=t.due if t.state is c.TaskState.RETRYING else t.wait_due,
+                             checkpoint=t.checkpoint,
                              first_start=t.first_start,
                              parent=t.parent.name if t.parent else None,
                              after=tuple(d.parent.name for d in t.deps if d.parent),
@@ -275,7 +300,7 @@ def test_an_event_that_raises_halfway_leaves_the_core_exactly_as_it_was() -> Non
     for fault_at in range(12):
         m = CoreMachine()
         m.join(("internal", "php"), 3, None)
-        m.submit([(), (0,), (0,), (1, 2), ()], "rollback", [True], False, None)
+        m.submit([(), (0,), (0,), (1, 2), ()], "rollback", [True], False, None, None)
         running = sorted((t, n.id) for n in m.s._nodes.values() for t in n.running)
         assert running
         token, nid = running[0]

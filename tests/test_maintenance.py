@@ -94,6 +94,10 @@ async def test_a_schema_2_database_opens_with_every_run_intact(old_db: Path) -> 
     # Every row is as it was, but the attempt the crash cut off, closed as lost.
     lost = [a for a in after["attempts"] if a[6] == "lost"]
     assert [a[1] for a in lost] == [f"{ACTIVE}/second"]
+    # Tasks grew the (empty) checkpoint and progress columns of long-running symbols.
+    width = len(before["tasks"][0])
+    assert all(set(r[width:]) == {None} for r in after["tasks"])
+    after["tasks"] = [r[:width] for r in after["tasks"]]
     assert {t: v for t, v in after.items() if t not in ("attempts", "events")} == {
         t: v for t, v in before.items() if t not in ("attempts", "events")}
     assert [a[:6] for a in after["attempts"]] == [a[:6] for a in before["attempts"]]

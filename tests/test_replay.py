@@ -14,13 +14,14 @@ from swarm import stimuli
 from swarm.events import (
     NodeConnected,
     NodeHeartbeat,
+    ProgressReceived,
     ResultsReceived,
     RunRestored,
     TaskRecord,
     Tick,
 )
 from swarm.model import Symbol, Workflow
-from swarm.protocol import TaskResult
+from swarm.protocol import ProgressReport, TaskResult
 from swarm.replay import replay
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -37,6 +38,9 @@ def test_a_stimulus_comes_back_as_it_was_fed() -> None:
                                                          None, 1.0, None, ("b",), "n#1"),),
                     4.0, "", 0.0, stimulus_id=3),
         Tick(5.0, 1.5, stimulus_id=3),
+        ProgressReceived("n#1", (ProgressReport(7, "r/a", 2, {"step": 6}, 0.6, "six", 0),
+                                 ProgressReport(7, "r/a", 3, None, None, "", 300_000)),
+                         6.0, stimulus_id=3),
     ]
     for event in events:
         kind, body = stimuli.encode(stimuli.Stimulus(3, 1, event, 0, 0, (5, 6)))

@@ -257,6 +257,7 @@ class Backends:
                     output_cap=b.output_cap,
                     kill_grace_ms=b.kill_grace,
                     cage=cage,
+                    reports=inv.reports,
                 )
             finally:
                 if cage is not None:

@@ -1,9 +1,12 @@
 """In-process handlers for `dispatch: internal` (DESIGN §4).
 
-A handler is `fn(parameters, invocation) -> JSON-able value`, sync or async. It is chosen
-by `parameters["handler"]`, else by the symbol name. Built-ins: `noop`, `echo`, `delay`,
-`fail`. More come from `register()` / `@handler(...)` or from the `swarm.handlers` entry
-point group (`load_entry_points()`).
+A handler is `fn(parameters, ctx) -> JSON-able value`, sync or async (or `fn(parameters)`).
+`ctx` is a `Context`: the invocation's fields (`ctx.attempt`, `ctx.run_id`, ...) and the
+means of a long-running symbol: `ctx.checkpoint(data)`, `ctx.resumed_from`,
+`ctx.progress(fraction, message)`. It is chosen by `parameters["handler"]`, else by the
+symbol name. Built-ins: `noop`, `echo`, `delay`, `fail`, `steps` (a long-running drill that
+checkpoints). More come from `register()` / `@handler(...)` or from the `swarm.handlers`
+entry point group (`load_entry_points()`).
 
 Sync handlers run in a thread so they cannot stall the worker's event loop. A thread
 cannot be killed: on timeout the attempt is reported timed out at once, but a sync
@@ -13,6 +16,7 @@ handler that ignores time keeps its thread until it returns.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import importlib.metadata
@@ -25,16 +29,83 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..progress import Report
+from ..progress import fraction as as_fraction
 from .process import Invocation, Outcome
 
 log = logging.getLogger("swarm.backends.internal")
 
 ENTRY_POINT_GROUP = "swarm.handlers"
 
-Handler = Callable[[dict[str, Any], Invocation], Any]
+Handler = Callable[[dict[str, Any], Any], Any]  # (parameters, Context)
 H = TypeVar("H", bound=Handler)
 
 _HANDLERS: dict[str, Handler] = {}
+
+
+class Context:
+    """What a handler gets besides its parameters: the attempt (every field of its
+    `Invocation`, e.g. `ctx.attempt`), and the means to checkpoint and report progress.
+
+    `checkpoint(data)` saves a JSON-able checkpoint that the symbol's next attempt, on any
+    worker, gets as `resumed_from`. In an async handler it returns an awaitable that
+    resolves, once the dispatcher committed it, to True (kept) or False (refused: too
+    big, a stale attempt, `checkpoint: false`); in a sync handler it blocks until then and
+    returns that bool. `progress(fraction, message)` reports how far the attempt is (also
+    what hang detection listens for); it never blocks."""
+
+    __slots__ = ("invocation", "_loop", "_thread")
+
+    def __init__(self, invocation: Invocation) -> None:
+        self.invocation = invocation
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.invocation, name)
+
+    def __repr__(self) -> str:
+        return f"Context({self.invocation!r})"
+
+    @property
+    def resumed_from(self) -> Any:
+        """The last checkpoint of an earlier attempt, or None: start from scratch."""
+        return self.invocation.checkpoint
+
+    def checkpoint(self, data: Any) -> Any:
+        if data is None:
+            raise ValueError("a checkpoint cannot be None (None means: no checkpoint)")
+        # A copy as plain JSON data, taken now: the handler may go on changing its own.
+        text = json.dumps(data)
+        report = Report(checkpoint=json.loads(text))
+        if threading.get_ident() == self._thread:
+            return self._send(report)
+        done: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def send() -> None:
+            fut = self._send(report)
+            fut.add_done_callback(lambda f: done.set_result(
+                not f.cancelled() and f.exception() is None and f.result()))
+
+        self._loop.call_soon_threadsafe(send)
+        return done.result()  # a sync handler goes on once its checkpoint is committed
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        report = Report(progress=as_fraction(fraction), message=str(message))
+        if self.invocation.reports is None:
+            return
+        if threading.get_ident() == self._thread:
+            self.invocation.reports(report)
+        else:
+            self._loop.call_soon_threadsafe(self.invocation.reports, report)
+
+    def _send(self, report: Report) -> asyncio.Future[bool]:
+        sink = self.invocation.reports
+        fut = sink(report) if sink is not None else None
+        if fut is None:  # nobody to keep it (a handler run outside a worker)
+            fut = self._loop.create_future()
+            fut.set_result(sink is None)
+        return fut
 
 
 class HandlerFailure(Exception):
@@ -66,12 +137,12 @@ def _two_arguments(fn: Handler) -> Handler:
     one = typing.cast(Callable[[dict[str, Any]], Any], fn)
     if inspect.iscoroutinefunction(fn):
 
-        async def call_async(parameters: dict[str, Any], inv: Invocation) -> Any:
+        async def call_async(parameters: dict[str, Any], inv: Any) -> Any:
             return await one(parameters)
 
         return call_async
 
-    def call(parameters: dict[str, Any], inv: Invocation) -> Any:
+    def call(parameters: dict[str, Any], inv: Any) -> Any:
         return one(parameters)
 
     call.__name__ = getattr(fn, "__name__", "handler")
@@ -132,7 +203,7 @@ async def run_internal(inv: Invocation, timeout_ms: int) -> Outcome:
     scope = asyncio.timeout(limit)
     try:
         async with scope:
-            result = await _call(fn, params, inv)
+            result = await _call(fn, params, Context(inv))
     except TimeoutError as e:
         if not scope.expired():  # the handler's own timeout (a socket, say), not ours
             return done(False, error=f"TimeoutError: {e or 'raised by the handler'}")
@@ -149,7 +220,7 @@ async def run_internal(inv: Invocation, timeout_ms: int) -> Outcome:
     return done(True, result)
 
 
-async def _call(fn: Handler, params: dict[str, Any], inv: Invocation) -> Any:
+async def _call(fn: Handler, params: dict[str, Any], inv: Context) -> Any:
     if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
     ):
@@ -189,17 +260,17 @@ def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]
 
 
 @handler("noop")
-async def _noop(parameters: dict[str, Any], inv: Invocation) -> None:
+async def _noop(parameters: dict[str, Any], inv: Context) -> None:
     return None
 
 
 @handler("echo")
-async def _echo(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+async def _echo(parameters: dict[str, Any], inv: Context) -> dict[str, Any]:
     return {k: v for k, v in parameters.items() if k != "handler"}
 
 
 @handler("delay")
-async def _delay(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+async def _delay(parameters: dict[str, Any], inv: Context) -> dict[str, Any]:
     ms = parameters.get("ms", 0)
     if isinstance(ms, bool) or not isinstance(ms, int | float) or ms < 0:
         message = f"delay: 'ms' must be a non-negative number, got {ms!r}"
@@ -209,7 +280,7 @@ async def _delay(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
 
 
 @handler("fail")
-async def _fail(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
+async def _fail(parameters: dict[str, Any], inv: Context) -> dict[str, Any]:
     succeed_on = parameters.get("succeed_on_attempt")
     if isinstance(succeed_on, int) and not isinstance(succeed_on, bool) and (
         inv.attempt >= succeed_on
@@ -217,3 +288,29 @@ async def _fail(parameters: dict[str, Any], inv: Invocation) -> dict[str, Any]:
         return {"attempt": inv.attempt}
     message = parameters.get("message", "failed on purpose")
     raise HandlerFailure(str(message), retryable=bool(parameters.get("retryable", True)))
+
+
+@handler("steps")
+async def _steps(parameters: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """A drill for long-running symbols: `steps` steps of `ms` each, with progress and a
+    checkpoint after every step; an attempt resumes after the last checkpointed step.
+    `pad` bytes of filler in the checkpoints of steps `pad_from` (1) on: big checkpoints."""
+    steps, ms = parameters.get("steps", 10), parameters.get("ms", 100)
+    pad, pad_from = parameters.get("pad", 0), parameters.get("pad_from", 1)
+    for name, value in (("steps", steps), ("ms", ms), ("pad", pad), ("pad_from", pad_from)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise HandlerFailure(f"steps: {name!r} must be a non-negative integer, got "
+                                 f"{value!r}", retryable=False)
+    resumed = ctx.resumed_from
+    start = resumed.get("step", 0) if isinstance(resumed, dict) else 0
+    ran, refused = [], []
+    for step in range(start + 1, steps + 1):
+        await asyncio.sleep(ms / 1000)
+        ran.append(step)
+        ctx.progress(step / steps, f"step {step} of {steps}")
+        data: dict[str, Any] = {"step": step}
+        if pad and step >= pad_from:
+            data["pad"] = "x" * pad
+        if not await ctx.checkpoint(data):
+            refused.append(step)
+    return {"steps": steps, "resumed_from": start, "ran": ran, "refused": refused}

@@ -18,18 +18,24 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from .contain import Cage
 
+from ..progress import LINE_PREFIX, MAX_LINE_SLACK, Report, parse_line
 from ..secrets import argv_parameters
+
+# Where an attempt's reports go (the worker's; None: nobody listens): a checkpoint's
+# future says, once committed, whether it was kept.
+ReportSink = Callable[[Report], "asyncio.Future[bool] | None"]
 
 _TAIL = 4096  # bytes at the end of stderr kept apart from the cap: the error line lives there
 _DRAIN_MIN_S = 0.5  # after the group is killed, how long its pipes may take to reach EOF
@@ -53,6 +59,9 @@ class Invocation:
     # the stdin document; a subprocess gets them in its environment, an internal handler
     # reads `inv.env` (os.environ is shared by every handler of the worker).
     env: dict[str, str] = field(default_factory=dict, repr=False)
+    checkpoint: Any = None  # the last committed checkpoint to resume from (None: none)
+    # Where the attempt's checkpoints and progress reports go (the worker's), if anywhere.
+    reports: ReportSink | None = field(default=None, repr=False, compare=False)
 
     def document(self) -> dict[str, Any]:
         """The task document a backend receives on stdin (as JSON)."""
@@ -66,6 +75,7 @@ class Invocation:
             "parameters": self.parameters,
             "attempt": self.attempt,
             "timeout": self.timeout_ms,
+            "checkpoint": self.checkpoint,
         }
 
     def environment(self) -> dict[str, str]:
@@ -77,6 +87,7 @@ class Invocation:
             "SWARM_TASK_ID": self.task_id,
             "SWARM_SYMBOL": self.symbol,
             "SWARM_ATTEMPT": str(self.attempt),
+            **({"SWARM_RESUMED": "1"} if self.checkpoint is not None else {}),
         }
 
 
@@ -121,9 +132,17 @@ def _flags(inv: Invocation, params: str) -> list[str]:
 class _Capture(asyncio.SubprocessProtocol):
     """Keeps the first `cap` bytes of stdout and stderr and counts the rest."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, reports: ReportSink | None = None,
+                 line_limit: int = 0) -> None:
         loop = asyncio.get_running_loop()
         self.cap = cap
+        # With somebody to report to, stdout is read line by line: `::swarm::` lines are
+        # reports, taken as they are printed and left out of the output.
+        self.reports = reports
+        self.line_limit = (line_limit or 1 << 20) + MAX_LINE_SLACK
+        self.line = bytearray()  # the start of a stdout line not yet ended
+        self.mode = ""  # of that line: "" undecided, "text" output, "long" an oversized report
+        self.skipped = 0  # bytes of an oversized report line so far
         self.kept = {1: bytearray(), 2: bytearray()}
         self.dropped = {1: 0, 2: 0}
         self.tail = b""
@@ -138,6 +157,66 @@ class _Capture(asyncio.SubprocessProtocol):
         self.transport = cast(asyncio.SubprocessTransport, transport)
 
     def pipe_data_received(self, fd: int, data: bytes | bytearray) -> None:
+        if fd == 1 and self.reports is not None:
+            self._lines(data)
+        else:
+            self._keep(fd, data)
+
+    def _lines(self, data: bytes | bytearray) -> None:
+        pending = self.line
+        pending += data
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            self._line_done(bytes(pending[start:end + 1]))
+            start = end + 1
+        del pending[:start]
+        if not pending:
+            return
+        if not self.mode:  # output unless it may still turn out to be a report
+            head = bytes(pending[:len(LINE_PREFIX)])
+            if not LINE_PREFIX.startswith(head):
+                self.mode = "text"
+            elif len(pending) > self.line_limit:
+                self.mode = "long"
+        if self.mode == "text":
+            self._keep(1, pending)
+            pending.clear()
+        elif self.mode == "long":
+            self.skipped += len(pending)
+            pending.clear()
+
+    def _line_done(self, line: bytes) -> None:
+        mode, self.mode = self.mode, ""
+        if mode == "text":
+            self._keep(1, line)
+        elif mode == "long" or (len(line) > self.line_limit and line.startswith(LINE_PREFIX)):
+            size, self.skipped = self.skipped + len(line), 0
+            self._report(Report(oversize=size))
+        else:
+            report = parse_line(line.rstrip(b"\r\n"))
+            if report is None:
+                self._keep(1, line)
+            else:
+                self._report(report)
+
+    def _report(self, report: Report) -> None:
+        assert self.reports is not None
+        try:
+            self.reports(report)
+        except Exception:  # a report must never cost the attempt its output
+            logging.getLogger("swarm.backends").exception("progress report failed")
+
+    def flush_line(self) -> None:
+        """At EOF: a last line without its newline is output like any other."""
+        if self.line or self.mode:
+            line, self.line = bytes(self.line), bytearray()
+            if self.mode == "long" or line.startswith(LINE_PREFIX):
+                self._line_done(line + b"\n")
+            else:
+                self.mode = ""
+                self._keep(1, line)
+
+    def _keep(self, fd: int, data: bytes | bytearray) -> None:
         kept = self.kept[fd]
         room = max(self.cap - len(kept), 0)
         if room:
@@ -147,6 +226,8 @@ class _Capture(asyncio.SubprocessProtocol):
             self.tail = (self.tail + data[-_TAIL:])[-_TAIL:]
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1 and self.reports is not None:
+            self.flush_line()
         self._open.discard(fd)
         if not self._open and not self.closed.done():
             self.closed.set_result(None)
@@ -239,6 +320,8 @@ async def run_process(
     output_cap: int = 1 << 20,
     kill_grace_ms: int = 2000,
     cage: Cage | None = None,
+    reports: ReportSink | None = None,
+    line_limit: int = 0,
 ) -> Outcome:
     """Run `argv` in a new process group and report how it went.
 
@@ -247,7 +330,7 @@ async def run_process(
     starts in it and all of it is killed with the group; releasing it is the caller's.
     """
     started = time.monotonic()
-    proto = _Capture(output_cap)
+    proto = _Capture(output_cap, reports, line_limit)
     proto.cage = cage
     try:
         transport = await _spawn(argv, env, proto)
@@ -290,6 +373,8 @@ async def run_process(
 def _outcome(
     proto: _Capture, code: int | None, timed_out: bool, timeout_ms: int, started: float
 ) -> Outcome:
+    if proto.reports is not None:
+        proto.flush_line()
     output = parse_output(proto.kept[1].decode("utf-8", errors="replace"))
     common: dict[str, Any] = {
         "output": output,

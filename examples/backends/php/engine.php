@@ -9,7 +9,15 @@
  * - print one JSON object on stdout; exit 0 for success, non-zero for failure;
  * - on failure, print {"ok": false, "error": ..., "retryable": false} to ask for no retry.
  *
- * Operations (params.operation): init, cleanup, restore; anything else echoes.
+ * Long-running symbols (see checkpoint() and the `steps` operation):
+ * - a stdout line `::swarm::{"checkpoint": ..., "progress": 0.4, "message": "..."}` (any of
+ *   the three keys) reports as it is printed; it is not part of the result;
+ * - the task document's "checkpoint" is the last one saved by an earlier attempt (null if
+ *   none), and SWARM_RESUMED=1 is set when it is not null: carry on from there.
+ *
+ * Operations (params.operation): init, cleanup, restore, steps; anything else echoes.
+ * `steps` runs params.steps steps (default 10) of params.step_ms ms (default 100) each,
+ * with a checkpoint after every step, and resumes after the last checkpointed step.
  * Drill parameters: "sleep_ms": N sleeps first; "fail": true fails (with "message" and
  * "retryable", default true).
  *
@@ -70,6 +78,23 @@ function emit(array $result): void
     echo json_encode($result, JSON_OUT), "\n";
 }
 
+/**
+ * Save a checkpoint (and say how far we are): the next attempt of this symbol, on any
+ * worker, gets $data as the task document's "checkpoint". One line, flushed at once.
+ */
+function checkpoint(mixed $data, ?float $progress = null, string $message = ''): void
+{
+    $report = ['checkpoint' => $data];
+    if ($progress !== null) {
+        $report['progress'] = $progress;
+    }
+    if ($message !== '') {
+        $report['message'] = $message;
+    }
+    echo '::swarm::', json_encode($report, JSON_OUT), "\n";
+    fflush(STDOUT);
+}
+
 $args = parse_args($argv);
 
 // Decode objects as stdClass so that {} stays {} (an assoc array would print as []).
@@ -117,6 +142,20 @@ switch ($operation) {
         break;
     case 'restore':
         $result = ['restored' => true];
+        break;
+    case 'steps':
+        $steps = (int) param($params, 'steps', 10);
+        $stepMs = (int) param($params, 'step_ms', 100);
+        $resumed = is_object($document) ? param($document, 'checkpoint') : null;
+        $start = is_object($resumed) ? (int) param($resumed, 'step', 0) : 0;
+        $ran = [];
+        for ($step = $start + 1; $step <= $steps; $step++) {
+            usleep($stepMs * 1000); // the real work of one step goes here
+            $ran[] = $step;
+            checkpoint(['step' => $step], $step / max($steps, 1), "step $step of $steps");
+        }
+        $result = ['steps' => $steps, 'resumed_from' => $start, 'ran' => $ran,
+                   'resumed' => getenv('SWARM_RESUMED') === '1'];
         break;
     default:
         $result = ['echoed' => true];

@@ -12,7 +12,13 @@
     - one compressed JSON object goes to stdout; exit 0 is success, non-zero is failure;
     - a failure that must not be retried prints {"ok": false, "retryable": false, ...}.
 
-    Operations (Parameters.operation): init, cleanup, restore; anything else echoes.
+    Long-running symbols: a stdout line ::swarm::{"checkpoint": ..., "progress": 0.4,
+    "message": "..."} (any of the three keys) is a report, taken as it is printed and left
+    out of the result (see Save-Checkpoint). The task document's "checkpoint" is the last
+    one an earlier attempt saved ($null if none; SWARM_RESUMED=1 then): carry on from there.
+
+    Operations (Parameters.operation): init, cleanup, restore, steps; anything else echoes.
+    steps runs Parameters.steps steps (10) of step_ms ms (100), checkpointing each one.
     Drill parameters: "sleep_ms": N sleeps first; "fail": true fails (with "message" and
     "retryable", default true). Copy this file and replace the operations with real work.
 #>
@@ -41,6 +47,15 @@ function Write-Result {
     param([System.Collections.IDictionary]$Result)
     # Depth: the default (2) would flatten nested parameters into strings.
     [Console]::Out.WriteLine(($Result | ConvertTo-Json -Compress -Depth 64))
+}
+
+# Saves a checkpoint (and how far we are): the symbol's next attempt, on any worker, gets
+# $Data as the task document's "checkpoint". One line, written and flushed at once.
+function Save-Checkpoint {
+    param($Data, [double]$Progress, [string]$Message = '')
+    $report = [ordered]@{ checkpoint = $Data; progress = $Progress; message = $Message }
+    [Console]::Out.WriteLine('::swarm::' + ($report | ConvertTo-Json -Compress -Depth 64))
+    [Console]::Out.Flush()
 }
 
 try {
@@ -89,11 +104,26 @@ $result = switch ($operation) {
     'init'    { [ordered]@{ initialized = $true; context = $Context } }
     'cleanup' { [ordered]@{ cleaned_up = $true } }
     'restore' { [ordered]@{ restored = $true } }
+    'steps'   {
+        $steps = [int](Get-Param $params 'steps' 10)
+        $stepMs = [int](Get-Param $params 'step_ms' 100)
+        $resumed = Get-Param $document 'checkpoint'
+        $start = [int](Get-Param $resumed 'step' 0)
+        $ran = @()
+        for ($step = $start + 1; $step -le $steps; $step++) {
+            Start-Sleep -Milliseconds $stepMs  # the real work of one step goes here
+            $ran += $step
+            Save-Checkpoint ([ordered]@{ step = $step }) ($step / [Math]::Max($steps, 1)) `
+                "step $step of $steps"
+        }
+        [ordered]@{ steps = $steps; resumed_from = $start; ran = $ran }
+    }
     default   { [ordered]@{ echoed = $true } }
 }
 
 $envSeen = [ordered]@{}
-foreach ($name in 'SWARM_RUN_ID', 'SWARM_TASK_ID', 'SWARM_SYMBOL', 'SWARM_ATTEMPT') {
+foreach ($name in 'SWARM_RUN_ID', 'SWARM_TASK_ID', 'SWARM_SYMBOL', 'SWARM_ATTEMPT',
+                 'SWARM_RESUMED') {
     $envSeen[$name] = [Environment]::GetEnvironmentVariable($name)
 }
 

@@ -7,6 +7,12 @@
 //! - one JSON object goes to stdout; exit 0 is success, non-zero is failure;
 //! - a failure that must not be retried prints `{"ok": false, "retryable": false, ...}`.
 //!
+//! Long-running symbols: a stdout line `::swarm::{"checkpoint": ..., "progress": 0.4,
+//! "message": "..."}` (any of the three keys) is a report, taken as it is printed and left
+//! out of the result (see `checkpoint`). The task document's `"checkpoint"` is the last one
+//! an earlier attempt saved (null if none; `SWARM_RESUMED=1` then). The `"operation":
+//! "steps"` drill runs `"steps"` steps (10) of `"step_ms"` ms (100), checkpointing each.
+//!
 //! Drill parameters: `"sleep_ms": N` sleeps first; `"fail": true` fails (with `"message"`
 //! and `"retryable"`, default true). No dependencies, so the crate builds offline; the
 //! small JSON reader below is enough for parameters and the task document.
@@ -19,7 +25,8 @@ use std::time::Duration;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const USAGE: &str = "usage: wp-injector --symbol NAME --type TYPE --context CTX --params JSON";
-const ENV_KEYS: [&str; 4] = ["SWARM_RUN_ID", "SWARM_TASK_ID", "SWARM_SYMBOL", "SWARM_ATTEMPT"];
+const ENV_KEYS: [&str; 5] =
+    ["SWARM_RUN_ID", "SWARM_TASK_ID", "SWARM_SYMBOL", "SWARM_ATTEMPT", "SWARM_RESUMED"];
 
 struct Args {
     symbol: String,
@@ -328,6 +335,40 @@ fn emit(line: &str) {
     let _ = out.flush();
 }
 
+/// Saves a checkpoint (with how far we are): the symbol's next attempt, on any worker,
+/// gets `data` (JSON text) as the task document's `"checkpoint"`.
+fn checkpoint(data: &str, progress: f64, message: &str) {
+    emit(&format!(
+        "::swarm::{{\"checkpoint\":{data},\"progress\":{},\"message\":{}}}",
+        number(progress),
+        quote(message)
+    ));
+}
+
+/// The `steps` drill: resumes after the step of the checkpoint it was given, if any.
+fn steps(params: &Json, document: Option<&Json>) -> String {
+    let count = match params.get("steps") {
+        Some(Json::Num(n)) if *n >= 0.0 => *n as u64,
+        _ => 10,
+    };
+    let step_ms = match params.get("step_ms") {
+        Some(Json::Num(n)) if *n >= 0.0 => *n as u64,
+        _ => 100,
+    };
+    let start = match document.and_then(|d| d.get("checkpoint")).and_then(|c| c.get("step")) {
+        Some(Json::Num(n)) => *n as u64,
+        _ => 0,
+    };
+    let mut ran = Vec::new();
+    for step in start + 1..=count {
+        thread::sleep(Duration::from_millis(step_ms)); // the real work of one step
+        ran.push(step.to_string());
+        let message = format!("step {step} of {count}");
+        checkpoint(&format!("{{\"step\":{step}}}"), step as f64 / count.max(1) as f64, &message);
+    }
+    format!("{{\"steps\":{count},\"resumed_from\":{start},\"ran\":[{}]}}", ran.join(","))
+}
+
 fn usage_error(message: &str) -> ExitCode {
     eprintln!("wp-injector: {message}\n{USAGE}");
     ExitCode::from(2)
@@ -403,11 +444,16 @@ fn main() -> ExitCode {
         Some(Json::Str(s)) => s.as_str(),
         _ => "inject",
     };
+    let result = if operation == "steps" {
+        steps(&params, document.as_ref())
+    } else {
+        "null".to_string()
+    };
     emit(&format!(
         concat!(
             "{{\"ok\":true,\"engine\":\"wp-injector\",\"version\":{},\"symbol\":{},",
             "\"type\":{},\"context\":{},\"operation\":{},\"params\":{},\"env\":{{{}}},",
-            "\"task_id\":{},\"attempt\":{},\"stdin_bytes\":{},\"pid\":{}}}"
+            "\"task_id\":{},\"attempt\":{},\"stdin_bytes\":{},\"pid\":{},\"result\":{}}}"
         ),
         quote(VERSION),
         quote(&args.symbol),
@@ -419,7 +465,8 @@ fn main() -> ExitCode {
         quote_opt(task_id),
         attempt,
         raw.len(),
-        std::process::id()
+        std::process::id(),
+        result
     ));
     ExitCode::SUCCESS
 }
