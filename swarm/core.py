@@ -243,9 +243,8 @@ class Scheduler(LongRunning):
             run.counts = counts
             run.unfinished = sum(n for s, n in counts.items() if s not in TERMINAL)
         for node in self._nodes.values():
-            order = node.order
             running = sorted(((t.token, t) for t in tasks if t.state is TaskState.RUNNING
-                              and t.node is node), key=lambda e: (order.get(e[0], 0), e[0]))
+                              and t.node is node), key=lambda e: (e[1].sent, e[0]))
             node.running = dict(running)  # in the order they were assigned, as before
         self._place.rebuild(self._nodes.values(), tasks)
         self._waiting = {}
@@ -651,7 +650,7 @@ class Scheduler(LongRunning):
                 task.node = node
                 task.orphan = 0
                 self._place.occupy(node, token, task)
-                node.order[token] = 0  # it named the attempt itself: no assignment to await
+                task.sent = 0  # it named the attempt itself: no assignment to await
                 self._journal(jn.SymbolAdopted(ev.now, task.run.id, task.id, task.name,
                                                node.name, task.attempts, node_id=node.id,
                                                token=token))
@@ -723,9 +722,8 @@ class Scheduler(LongRunning):
         # worker provably had when it sent the heartbeat count: one still on its way (the
         # dispatcher may lag far behind) is not missing.
         reported = set(ev.running)
-        order = node.order
-        missing = {t for t in node.running
-                   if t not in reported and order.get(t, 0) <= ev.assigned}
+        running = node.running
+        missing = {t for t in running if t not in reported and running[t].sent <= ev.assigned}
         for token in missing & node.suspect:
             self._lose(node.running[token], node, ev.now, "worker forgot the attempt", False)
         node.suspect = missing - node.suspect
@@ -1050,7 +1048,7 @@ class Scheduler(LongRunning):
         task.wait_due = None  # a restored wait_for_worker due time: no longer waiting
         self._place.occupy(node, task.token, task)
         node.assigned += 1
-        node.order[task.token] = node.assigned
+        task.sent = node.assigned
         self._by_token[task.token] = task
         spec = task.spec
         timeout = spec.timeout

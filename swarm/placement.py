@@ -115,7 +115,6 @@ class Placement:
 
     def vacate(self, node: Node, token: int, connected: bool) -> Task | None:
         task = node.running.pop(token, None)
-        node.order.pop(token, None)
         if task is not None and node.free == 1 and connected:
             self.reindex(node)  # it was full: open again
         return task

@@ -215,7 +215,7 @@ class Refused(IllegalTransition):
 _TASK_FIELDS = ("id", "run", "name", "kind", "spec", "state", "attempts", "losses", "waiting",
                 "dependents", "deps", "node", "token", "due", "first_start", "key", "parent",
                 "orphan", "resources", "requires", "level", "holding", "owner", "blocked",
-                "wait_due", "checkpoint", "heard_at")
+                "wait_due", "checkpoint", "heard_at", "sent")
 _task_fields = operator.attrgetter(*_TASK_FIELDS)
 
 
@@ -264,6 +264,9 @@ class Task:
         self.wait_due: float | None = None  # when its `wait_for_worker` runs out
         self.checkpoint: Any = None  # the last committed checkpoint, for its next attempt
         self.heard_at = 0.0  # its running attempt's start or latest report (hang detection)
+        # Its attempt's number among the assignments sent to its node (0: adopted): only a
+        # heartbeat sent after the worker received it may leave the attempt out.
+        self.sent = 0
 
     @property
     def dispatch(self) -> str:
@@ -367,7 +370,7 @@ class Run:
 
 class Node:
     __slots__ = ("id", "name", "caps", "slots", "labels", "running", "last_seen", "draining",
-                 "seq", "suspect", "assigned", "order")
+                 "seq", "suspect", "assigned")
     __setattr__ = undo.tracked_setattr
 
     def __init__(self, ev: NodeConnected, seq: int) -> None:
@@ -384,7 +387,6 @@ class Node:
         self.seq = seq
         self.suspect: set[int] = set()  # missing from the last heartbeat's running list
         self.assigned = 0  # assignments sent on this connection
-        self.order: dict[int, int] = undo.TDict()  # running token -> its number in `assigned`
 
     @property
     def free(self) -> int:

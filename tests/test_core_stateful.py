@@ -38,14 +38,14 @@ def dump(s: c.Scheduler) -> Any:
         return (t.id, t.state, t.attempts, t.losses, t.waiting, t.node.id if t.node else None,
                 t.token, t.due, t.first_start, t.key, t.orphan, t.level, t.holding, t.owner,
                 t.blocked, t.wait_due, [d.id for d in t.deps], [d.id for d in t.dependents],
-                t.parent.id if t.parent else None, t.checkpoint, t.heard_at)
+                t.parent.id if t.parent else None, t.checkpoint, t.heard_at, t.sent)
 
     runs = {rid: (r.phase, r.unfinished, dict(r.counts), r.wave, r.undo_started, r.undo_from,
                   r.deadline_at,
                   [t.id for t in r.parked], [task(t) for t in r.tasks.values()],
                   [task(t) for t in r.rollbacks]) for rid, r in s._runs.items()}
     nodes = {nid: (n.name, n.slots, n.draining, n.last_seen, n.seq, sorted(n.suspect),
-                   n.assigned, {k: t.id for k, t in n.running.items()}, dict(n.order))
+                   n.assigned, {k: t.id for k, t in n.running.items()})
              for nid, n in s._nodes.items()}
     p = s._place
     ready = {b: sorted((e[0], e[1], e[2].id) for e in h) for b, h in p._ready.items()}
