@@ -34,7 +34,15 @@ from .stimuli import KEPT as STIMULI_KEPT
 from .stimuli import TRIM_EVERY as STIMULI_TRIM
 from .stimuli import Stimulus
 from .stimuli import encode as encode_stimulus
-from .tasks import RUN_FINAL, AttemptOutcome, NodeState, RunState, TaskState
+from .tasks import (
+    RUN_ACTIVE,
+    RUN_FINAL,
+    AttemptOutcome,
+    NodeState,
+    RunState,
+    TaskState,
+    sql_list,
+)
 
 log = logging.getLogger("swarm.state")
 
@@ -47,10 +55,14 @@ DEFAULT_DURATION_MS = 1000.0  # expected duration of a symbol with no history at
 # process holds a lock (BUSY, LOCKED), the disk is full (FULL) or failed (IOERR).
 RETRYABLE_CODES = {5: "locked by another process", 6: "locked",
                    13: "disk full", 10: "I/O error"}
+# The vocabulary as SQL list literals, for the queries below.
+_DONE = sql_list(TaskState.COMPLETED, TaskState.ROLLED_BACK)  # a main symbol's work is done
+_ACTIVE = sql_list(*RUN_ACTIVE)
+
 DURATIONS_TTL = 5.0  # seconds a workflow's expected durations are reused
 DURATIONS_KEPT = 64  # workflows whose expected durations are kept
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, name TEXT NOT NULL, capabilities TEXT NOT NULL,
@@ -94,7 +106,7 @@ CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
 -- run that is not finished stays untouchable, by anyone, at all times.
 CREATE TRIGGER IF NOT EXISTS events_delete_finished_runs_only BEFORE DELETE ON events
     WHEN OLD.run_id IS NULL OR COALESCE((SELECT status FROM runs WHERE run_id = OLD.run_id),
-        '') NOT IN ('completed', 'failed', 'rolled_back', 'cancelled')
+        '') NOT IN {sql_list(*RUN_FINAL)}
     BEGIN SELECT RAISE(ABORT, 'the event journal is append-only'); END;
 CREATE TABLE IF NOT EXISTS rollbacks (
     run_id TEXT NOT NULL, symbol TEXT NOT NULL, spec TEXT NOT NULL,
@@ -412,9 +424,10 @@ def _init(con: sqlite3.Connection, path: str, synchronous: str) -> None:
         # Attempts still `running` were cut off by a crash: close them at the dispatcher's
         # last sign of life, so that busy time in reports is real. One whose worker comes
         # back and adopts it is reopened (symbol.adopted).
-        con.execute("UPDATE attempts SET outcome = 'lost', error = 'the dispatcher stopped',"
+        con.execute("UPDATE attempts SET outcome = ?, error = 'the dispatcher stopped',"
                     " finished_at = MAX(started_at, COALESCE((SELECT MAX(ts) FROM events),"
-                    " started_at)) WHERE outcome = 'running'")
+                    " started_at)) WHERE outcome = ?",
+                    (AttemptOutcome.LOST.value, AttemptOutcome.RUNNING.value))
         con.execute("COMMIT")
     except BaseException:
         if con.in_transaction:
@@ -735,7 +748,7 @@ class Store:
             " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main')"
             " AS total,"
             " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main'"
-            "  AND t.state IN ('completed', 'rolled_back')) AS done,"
+            f"  AND t.state IN {_DONE}) AS done,"
             " rb.status AS rollback_status, rb.requested_at AS rollback_requested_at,"
             " rb.finished_at AS rollback_finished_at"
             " FROM runs r LEFT JOIN run_rollbacks rb ON rb.run_id = r.run_id"
@@ -752,10 +765,10 @@ class Store:
         return rows
 
     async def unfinished_runs(self) -> list[str]:
-        rows = await self._rows("SELECT run_id FROM runs WHERE status IN ('running',"
-                                " 'rolling_back', 'paused') OR run_id IN (SELECT run_id FROM"
-                                " run_rollbacks WHERE status = 'rolling_back')"
-                                " ORDER BY created_at")
+        rows = await self._rows(f"SELECT run_id FROM runs WHERE status IN {_ACTIVE}"
+                                " OR run_id IN (SELECT run_id FROM run_rollbacks WHERE"
+                                " status = ?) ORDER BY created_at",
+                                (RunState.ROLLING_BACK.value,))
         return [r["run_id"] for r in rows]
 
     async def load_run(self, run_id: str) -> tuple[dict[str, Any], list[TaskRecord]] | None:
@@ -783,8 +796,7 @@ class Store:
 
     async def active_run_by_hash(self, manifest_hash: str) -> str | None:
         rows = await self._rows("SELECT run_id FROM runs WHERE manifest_hash = ? AND status IN"
-                                " ('running', 'rolling_back', 'paused')"
-                                " ORDER BY created_at DESC LIMIT 1",
+                                f" {_ACTIVE} ORDER BY created_at DESC LIMIT 1",
                                 (manifest_hash,))
         return rows[0]["run_id"] if rows else None
 

@@ -68,6 +68,13 @@ RUN_FINAL = frozenset({RunState.COMPLETED, RunState.FAILED, RunState.ROLLED_BACK
 RUN_ACTIVE = frozenset({RunState.RUNNING, RunState.ROLLING_BACK, RunState.PAUSED})
 
 
+def sql_list(*states: StrEnum) -> str:
+    """States as an SQL list literal, e.g. `('completed', 'rolled_back')`: the queries of
+    the stores spell the vocabulary through this, never by hand. (Enum values only: no
+    user data goes into SQL text.)"""
+    return "(" + ", ".join(f"'{s.value}'" for s in sorted(states)) + ")"
+
+
 class NodeState(StrEnum):
     """A node's status in the store (draining is a flag of a connected node)."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..secrets import redact
-from ..tasks import TaskState
+from ..tasks import RUN_ACTIVE, NodeState, TaskState, sql_list
 
 T = TypeVar("T")
 TAIL = 4096  # characters of stderr and of text output a symbol's page shows
@@ -92,9 +92,9 @@ class Queries:
             " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main')"
             "  AS total,"
             " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main'"
-            "  AND t.state IN ('completed', 'rolled_back')) AS done,"
+            f"  AND t.state IN {sql_list(TaskState.COMPLETED, TaskState.ROLLED_BACK)}) AS done,"
             " (SELECT COUNT(*) FROM tasks t WHERE t.run_id = r.run_id AND t.kind = 'main'"
-            "  AND t.state = 'failed') AS failed"
+            f"  AND t.state = '{TaskState.FAILED.value}') AS failed"
             f" FROM runs r{clause} ORDER BY {order} {'DESC' if descending else 'ASC'},"
             " run_id LIMIT ? OFFSET ?",
             (*params, *order_params, limit, offset))
@@ -208,7 +208,8 @@ class Queries:
         """Every node the DB knows, connected or not (history survives restarts)."""
         rows = self._rows("SELECT node_id, name, capabilities, slots, labels, status,"
                           " joined_at, left_at, reason, seen_at FROM nodes"
-                          " ORDER BY status = 'connected' DESC, COALESCE(left_at, seen_at)"
+                          f" ORDER BY status = '{NodeState.CONNECTED.value}' DESC,"
+                          " COALESCE(left_at, seen_at)"
                           " DESC LIMIT 200")
         for r in rows:
             r["capabilities"] = json.loads(r["capabilities"])
@@ -219,7 +220,7 @@ class Queries:
         """Symbols of unfinished runs by state: the queue as the DB holds it."""
         return {r["state"]: r["n"] for r in self._rows(
             "SELECT state, COUNT(*) AS n FROM tasks WHERE run_id IN (SELECT run_id FROM runs"
-            " WHERE status IN ('running', 'rolling_back', 'paused')) GROUP BY state")}
+            f" WHERE status IN {sql_list(*RUN_ACTIVE)}) GROUP BY state")}
 
 
 def _levels(deps: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
